@@ -1,0 +1,6 @@
+"""Model components. Importing this package registers them all."""
+from . import llm, mllm, projectors, tokenizer, vision  # noqa: F401
+from .mllm import MultimodalLLM
+from .processor import MultimodalProcessor
+
+__all__ = ["MultimodalLLM", "MultimodalProcessor"]

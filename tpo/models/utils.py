@@ -26,12 +26,28 @@ def resolve_pretrained(path: str | os.PathLike | None, key: str = "pretrained") 
 
 
 def freeze_module(module: nn.Module) -> nn.Module:
-    """Freeze ``module``'s parameters and keep it in eval mode (dropout off)."""
-    for param in module.parameters():
-        param.requires_grad_(False)
+    """Freeze ``module``'s parameters and put it in eval mode (dropout off).
+
+    It is marked frozen, so that a :class:`FreezeAwareModule` above it keeps it
+    in eval mode when the model is switched back to training.
+    """
+    module.requires_grad_(False)
     module.eval()
-    module.train = lambda mode=True: module  # type: ignore[method-assign]  # stays in eval mode
+    module._tpo_frozen = True
     return module
+
+
+class FreezeAwareModule(nn.Module):
+    """``train()`` leaves the sub-modules frozen by :func:`freeze_module` in
+    eval mode (a frozen encoder's dropout and norm statistics stay fixed)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for sub in self.modules():
+                if getattr(sub, "_tpo_frozen", False):
+                    sub.eval()
+        return self
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -51,3 +67,24 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"{current_config_key('torch_dtype')}: unknown dtype {dtype!r}; use bfloat16, float16 or float32")
     return value
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load ``model.safetensors`` from a checkpoint folder (or that file) into
+    ``model``; every key must match both ways."""
+    from safetensors.torch import load_model
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(checkpoint)!r} has no model.safetensors; give a checkpoint folder written by "
+            "`tpo train` (work_dir/checkpoints/<step>) or a .safetensors file"
+        )
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint {str(path)!r} does not fit this model: missing {sorted(missing)[:8]}, "
+            f"unexpected {sorted(unexpected)[:8]}; was it written for the same config?"
+        )

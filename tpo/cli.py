@@ -1,0 +1,161 @@
+"""The ``tpo`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmengine.config import DictAction
+
+from tpo.registry import ALL_REGISTRIES, build_model, load_config, registered_names
+
+
+def _first_line(obj) -> str:
+    """The first sentence of ``obj``'s docstring."""
+    paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".")
+
+
+def cmd_registry(args) -> int:
+    names = [args.name] if args.name else list(ALL_REGISTRIES)
+    for name in names:
+        if name not in ALL_REGISTRIES:
+            print(f"no registry {name!r}; registries: {', '.join(ALL_REGISTRIES)}", file=sys.stderr)
+            return 2
+        registry = ALL_REGISTRIES[name]
+        entries = registered_names(registry)
+        print(f"{name} ({len(entries)})")
+        for entry in entries:
+            print(f"  {entry:<28} {_first_line(registry.module_dict[entry])}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(load_config(args.config, args.cfg_options).pretty_text)
+    return 0
+
+
+def _parameter_table(model) -> list[tuple[str, int, int]]:
+    from tpo.models.utils import count_parameters
+
+    rows = [(name, *count_parameters(child)) for name, child in model.named_children()]
+    rows.append(("total", *count_parameters(model)))
+    return rows
+
+
+def cmd_build(args) -> int:
+    model = build_model(args.config, cfg_options=args.cfg_options)
+    print(f"{type(model).__name__} from {args.config}")
+    print(f"{'component':<20} {'parameters':>14} {'trainable':>14}")
+    for name, total, trainable in _parameter_table(model):
+        print(f"{name:<20} {total:>14,} {trainable:>14,}")
+    return 0
+
+
+def load_image(path: str):
+    """An image file -> uint8 tensor ``[3, H, W]``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path!r} does not exist")
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def load_video(path: str):
+    """A video (``.npy`` frames, a folder of frames, or a video file) ->
+    uint8 tensor ``[T, 3, H, W]``."""
+    from tpo.data.video import load_frames
+
+    return load_frames(path).frames
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    if (args.image is None) == (args.video is None):
+        print("give exactly one of --image PATH or --video PATH", file=sys.stderr)
+        return 2
+    image = load_image(args.image) if args.image else None
+    video = load_video(args.video) if args.video else None
+    torch.manual_seed(args.seed)
+    model = build_model(args.config, cfg_options=args.cfg_options)
+    if args.checkpoint:
+        from tpo.models.utils import load_model_weights
+
+        load_model_weights(model, args.checkpoint)
+    model.eval()
+    answer = model.chat(
+        args.prompt,
+        image=image,
+        video=video,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=max(args.temperature, 1e-5),
+        top_p=args.top_p,
+    )
+    print(json.dumps({"prompt": args.prompt, "answer": answer}, ensure_ascii=False) if args.json else answer)
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from tpo.data.synth import main as synth_main
+
+    return synth_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("registry", help="list the registered components")
+    p.add_argument("name", nargs="?", help=f"one registry: {', '.join(ALL_REGISTRIES)}")
+    p.set_defaults(func=cmd_registry)
+
+    def with_config(p):
+        p.add_argument("config", help="config file (.py, .yaml or .json)")
+        p.add_argument(
+            "--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
+            help="override config entries, e.g. model.llm.config.num_hidden_layers=4",
+        )
+        return p
+
+    with_config(sub.add_parser("config", help="print the resolved config")).set_defaults(func=cmd_config)
+    with_config(sub.add_parser("build", help="build the model, print its parameters")).set_defaults(func=cmd_build)
+
+    p = with_config(sub.add_parser("chat", help="answer one prompt about an image or a video"))
+    p.add_argument("--image", help="an image file")
+    p.add_argument("--video", help="a video: .npy frames [T,H,W,3], a folder of frames, or a video file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--checkpoint", help="a checkpoint folder (model.safetensors) to load")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and sampling")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("synth", help="write the synthetic grounded video benchmark", add_help=False)
+    q.add_argument("rest", nargs=argparse.REMAINDER)
+    q.set_defaults(func=cmd_data_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError, ImportError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tpo {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
