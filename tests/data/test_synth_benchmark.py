@@ -1,0 +1,333 @@
+"""The synthetic benchmark's ground truth, checked against the rendered pixels
+(read with numpy/Pillow, shapes found by their exact colour), not against the
+generator's internal state."""
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from tpo.data.schema import decode_mask, load_samples
+from tpo.data.synth import COLORS, main, synthesize
+from tpo.data.video import frame_timestamps, span_frame_mask
+
+
+def all_samples(bench):
+    _, _, samples = bench
+    return [s for split in ("train", "val", "test") for s in samples[split]]
+
+
+def tight_box(mask):
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
+
+
+def fmt(x):
+    return f"{x:.2f}"
+
+
+class Pixels:
+    """What the frames of one medium show, per colour."""
+
+    def __init__(self, root, media, helpers):
+        color_mask = helpers.color_mask
+        self.frames = helpers.load_frames(root, media)
+        self.T = self.frames.shape[0]
+        self.masks = {c: color_mask(self.frames, rgb) for c, rgb in COLORS.items()}
+        self.colors = [c for c, m in self.masks.items() if m.any()]
+        self.background = ~np.any(np.stack(list(self.masks.values())), axis=0)
+
+    def frames_of(self, color):
+        return [t for t in range(self.T) if self.masks[color][t].any()]
+
+    def moving_frames(self, color):
+        """Frames on which the shape is displaced: its pixels changed and the
+        change covers or uncovers background (occlusion alone never does)."""
+        m = self.masks[color]
+        out = []
+        for t in range(1, self.T):
+            if m[t].any() and m[t - 1].any():
+                delta = m[t] ^ m[t - 1]
+                if (delta & (self.background[t] | self.background[t - 1])).any():
+                    out.append(t)
+        return out
+
+    def direction(self, color, t):
+        m = self.masks[color]
+        (y1, x1), (y0, x0) = np.argwhere(m[t]).mean(0), np.argwhere(m[t - 1]).mean(0)
+        dx, dy = x1 - x0, y1 - y0
+        return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+
+
+def color_of(name):
+    return name.split()[0]
+
+
+@pytest.fixture(scope="module")
+def pixels(bench, helpers):
+    root = bench[0]
+    cache = {}
+
+    def get(media):
+        if media not in cache:
+            cache[media] = Pixels(root, media, helpers)
+        return cache[media]
+
+    return get
+
+
+def test_files_validate_and_summary_adds_up(bench):
+    out, summary, samples = bench
+    n = 0
+    for split in ("train", "val", "test"):
+        loaded = load_samples(out / f"{split}.jsonl")  # the validator accepts every sample
+        assert len(loaded) == len(samples[split]) == summary["splits"][split]["samples"]
+        n += len(loaded)
+    assert n == summary["num_samples"] == sum(summary["tasks"].values())
+    assert sum(summary["question_types"].values()) == summary["tasks"]["qa"]
+    assert sum(summary["media"].values()) == summary["num_scenes"] == 30
+    assert all(summary["tasks"][t] > 0 for t in summary["tasks"])
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == {k: v for k, v in summary.items() if k not in ("seconds", "samples_per_second")}
+    assert summary["localisation"].get("space", 0) > 0 and summary["localisation"].get("time", 0) > 0
+
+
+def test_boxes_are_tight_around_the_shape_pixels(bench, pixels):
+    checked = 0
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "grounding":
+            continue
+        px = pixels(s["media"])
+        m = px.masks[color_of(s["meta"]["object"])]
+        if px.T == 1:
+            assert np.allclose(s["boxes"], tight_box(m[0]), atol=1e-12)
+        else:
+            assert [b["frame"] for b in s["boxes"]] == px.frames_of(color_of(s["meta"]["object"]))
+            for b in s["boxes"]:
+                assert np.allclose(b["box"], tight_box(m[b["frame"]]), atol=1e-12)
+        checked += 1
+    assert checked == 30
+
+
+def test_tracks_follow_the_shape_from_its_first_box(bench, pixels):
+    checked = 0
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "tracking":
+            continue
+        (track,) = s["tracks"]
+        color = color_of(track["object"])
+        px = pixels(s["media"])
+        present = px.frames_of(color)
+        assert track["init_frame"] == present[0]
+        assert np.allclose(track["init_box"], tight_box(px.masks[color][present[0]]), atol=1e-12)
+        assert [b["frame"] for b in track["boxes"]] == list(range(present[0], px.T))
+        for b in track["boxes"]:
+            if b["frame"] in present:
+                assert np.allclose(b["box"], tight_box(px.masks[color][b["frame"]]), atol=1e-12)
+            else:
+                assert b["box"] is None
+        checked += 1
+    assert checked > 0
+
+
+def test_masks_decode_to_the_visible_pixels(bench, pixels):
+    checked = 0
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "segmentation":
+            continue
+        px = pixels(s["media"])
+        m = px.masks[color_of(s["meta"]["object"])]
+        entries = [{"frame": 0, "mask": s["masks"]}] if px.T == 1 else s["masks"]
+        assert [e["frame"] for e in entries] == list(range(px.T))
+        for e in entries:
+            rle = {"size": e["mask"]["size"], "counts": e["mask"]["counts"].encode()}
+            assert np.array_equal(mask_utils.decode(rle).astype(bool), m[e["frame"]])
+            assert np.array_equal(decode_mask(e["mask"]), m[e["frame"]])
+        checked += 1
+    assert checked == 30
+
+
+def test_spans_match_the_frames_of_the_event(bench, pixels):
+    kinds = set()
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "temporal_grounding":
+            continue
+        px = pixels(s["media"])
+        color, kind = color_of(s["meta"]["object"]), s["meta"]["event"]
+        present = px.frames_of(color)
+        assert present == list(range(present[0], present[-1] + 1))  # never hidden while present
+        if kind == "visible":
+            frames = present
+        elif kind == "enter":
+            assert present[0] > 0
+            frames = [present[0]]
+        elif kind == "leave":
+            assert present[-1] < px.T - 1
+            frames = [present[-1] + 1]
+        else:
+            frames = px.moving_frames(color)
+            assert frames == list(range(frames[0], frames[-1] + 1))
+        (span,) = s["spans"]
+        assert span == [frames[0] / px.T, (frames[-1] + 1) / px.T]
+        inside = span_frame_mask(span, frame_timestamps(np.arange(px.T), px.T))
+        assert np.flatnonzero(inside).tolist() == frames
+        kinds.add(kind)
+    assert kinds == {"visible", "enter", "leave", "move"}
+
+
+def test_descriptions_mention_every_event(bench, pixels):
+    scenes = 0
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "caption":
+            continue
+        px = pixels(s["media"])
+        desc = s["description"]
+        assert s["conversations"][1]["value"] == " ".join(desc)
+        for color in px.colors:  # every shape is introduced in the first sentence
+            assert re.search(rf"\b{color} \w+\b", desc[0]), (color, desc[0])
+        if px.T == 1:
+            for color in px.colors:
+                assert any(re.fullmatch(rf"The {color} \w+ is at the [a-z ]+\.", d) for d in desc), color
+            continue
+        text = "\n".join(desc)
+        for color in px.colors:
+            present = px.frames_of(color)
+            if present[0] == 0:
+                assert re.search(rf"^At the start, the {color} \w+ is at the [a-z ]+\.$", text, re.M), (color, text)
+            else:
+                assert re.search(rf"^At {fmt(present[0] / px.T)}, the {color} \w+ enters at", text, re.M), (color, text)
+            if present[-1] < px.T - 1:
+                assert re.search(rf"^At {fmt((present[-1] + 1) / px.T)}, the {color} \w+ leaves", text, re.M), text
+            moving = px.moving_frames(color)
+            if moving:
+                d = px.direction(color, moving[0])
+                assert all(px.direction(color, t) == d for t in moving)
+                t1, t2 = fmt(moving[0] / px.T), fmt((moving[-1] + 1) / px.T)
+                assert re.search(rf"^From {t1} to {t2}, the {color} \w+ moves {d}\b", text, re.M), (color, text)
+            else:
+                assert not re.search(rf"the {color} \w+ moves", text)
+        at_end = [c for c in px.colors if px.masks[c][-1].any()]
+        last = desc[-1]
+        assert last.startswith("At the end,")
+        assert sorted(re.findall(r"the (\w+) \w+", last)) == sorted(at_end)
+        scenes += 1
+    assert scenes > 10
+
+
+def answer_of(s):
+    meta = s["meta"]
+    given = s["conversations"][1]["value"]
+    if meta["answer_type"] == "mc":
+        assert meta["options"][ord(given) - 65] == meta["answer_text"]
+    else:
+        assert given == meta["answer_text"]
+    return meta["answer_text"]
+
+
+def test_answers_agree_with_the_pixels(bench, pixels):
+    checked = {}
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "qa":
+            continue
+        px = pixels(s["media"])
+        question = s["conversations"][0]["value"].split("\n")[1]
+        answer = answer_of(s)
+        frame_at = {fmt(t / px.T): t for t in range(px.T)}
+        if m := re.fullmatch(r"How many shapes are visible at (\d\.\d\d)\?", question):
+            t = frame_at[m.group(1)]
+            assert int(answer) == sum(px.masks[c][t].any() for c in px.colors)
+        elif m := re.fullmatch(r"In which direction does the (\w+) \w+ move\?", question):
+            moving = px.moving_frames(m.group(1))
+            assert answer == px.direction(m.group(1), moving[0])
+        elif m := re.fullmatch(r"Which appears first, the (\w+) \w+ or the (\w+) \w+\?", question):
+            a, b = px.frames_of(m.group(1))[0], px.frames_of(m.group(2))[0]
+            assert a != b
+            assert color_of(answer.removeprefix("the ")) == (m.group(1) if a < b else m.group(2))
+        elif m := re.fullmatch(r"What colour is the shape that enters at (\d\.\d\d)\?", question):
+            t = frame_at[m.group(1)]
+            assert [c for c in px.colors if px.frames_of(c)[0] == t] == [answer]
+        elif m := re.fullmatch(r"What happens at (\d\.\d\d)\?", question):
+            t = frame_at[m.group(1)]
+            am = re.fullmatch(r"the (\w+) \w+ (enters|leaves|starts moving (\w+))", answer)
+            color, verb = am.group(1), am.group(2)
+            present = px.frames_of(color)
+            if verb == "enters":
+                assert present[0] == t > 0
+            elif verb == "leaves":
+                assert present[-1] + 1 == t
+            else:
+                assert px.moving_frames(color)[0] == t and px.direction(color, t) == am.group(3)
+        else:
+            continue
+        key = " ".join(question.split()[:2])
+        checked[key] = checked.get(key, 0) + 1
+    assert len(checked) == 5, checked
+
+
+def test_preferences_choose_the_ground_truth(bench):
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "preference":
+            continue
+        pref = s["preference"]
+        assert pref["prompt"] == s["conversations"][-1]["value"]
+        assert pref["chosen"] != pref["rejected"]
+        same_scene = [q for q in all_samples(bench) if q["meta"]["scene"] == s["meta"]["scene"]
+                      and q["meta"]["task"] == "qa" and q["meta"]["question_type"] == s["meta"]["question_type"]]
+        assert pref["chosen"] in {q["meta"]["answer_text"] for q in same_scene}
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_deterministic_for_a_seed_and_any_worker_count(tmp_path):
+    synthesize(tmp_path / "a", num=12, seed=5)
+    synthesize(tmp_path / "b", num=12, seed=5, workers=2)
+    synthesize(tmp_path / "c", num=12, seed=6)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_splits_share_no_scene(bench):
+    out, _, samples = bench
+    scenes, media, contents = {}, {}, {}
+    for split, rows in samples.items():
+        assert rows, split
+        assert all(r["meta"]["split"] == split for r in rows)
+        scenes[split] = {r["meta"]["scene"] for r in rows}
+        media[split] = {r["media"] for r in rows}
+        contents[split] = {hashlib.sha256((out / m).read_bytes()).hexdigest() for m in media[split]}
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not scenes[a] & scenes[b]
+        assert not media[a] & media[b]
+        assert not contents[a] & contents[b]
+
+
+def test_main_writes_files_and_prints_the_summary(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--num", "5", "--seed", "1", "--frames", "6", "--size", "48"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_scenes"] == 5 and printed["frames"] == 6 and printed["size"] == 48
+    assert sum(len(load_samples(tmp_path / f"{s}.jsonl")) for s in ("train", "val", "test")) == printed["num_samples"]
+    video = next((tmp_path / "media").glob("*.npy"))
+    assert np.load(video).shape == (6, 48, 48, 3)
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="num"):
+        synthesize(tmp_path, num=0)
+    with pytest.raises(ValueError, match="frames"):
+        synthesize(tmp_path, num=1, frames=2)
+    with pytest.raises(SystemExit):
+        main(["--num", "3"])  # --out is required
+
+
+def test_at_least_1000_samples_a_minute(tmp_path):
+    summary = synthesize(tmp_path, num=60, seed=0)
+    assert summary["samples_per_second"] * 60 >= 1000, summary
