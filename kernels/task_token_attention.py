@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import types
 from collections.abc import Sequence
 
 import torch
@@ -96,7 +98,7 @@ if _HAS_TRITON:
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_m = tl.program_id(2)
-        b = pid_bh // n_kv_heads
+        b = (pid_bh // n_kv_heads).to(tl.int64)  # int64 offsets: the context can exceed 2**31 elements
         j = pid_bh % n_kv_heads
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,7 +179,7 @@ if _HAS_TRITON:
         """
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
-        b = pid_bh // n_kv_heads
+        b = (pid_bh // n_kv_heads).to(tl.int64)  # int64 offsets: the context can exceed 2**31 elements
         j = pid_bh % n_kv_heads
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -261,7 +263,7 @@ if _HAS_TRITON:
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_m = tl.program_id(2)
-        b = pid_bh // n_kv_heads
+        b = (pid_bh // n_kv_heads).to(tl.int64)  # int64 offsets: the context can exceed 2**31 elements
         j = pid_bh % n_kv_heads
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,7 +341,7 @@ if _HAS_TRITON:
         by the caller)."""
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
-        b = pid_bh // n_kv_heads
+        b = (pid_bh // n_kv_heads).to(tl.int64)  # int64 offsets: the context can exceed 2**31 elements
         j = pid_bh % n_kv_heads
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -570,14 +572,20 @@ def task_token_attention_torch(q, k, v, k_self=None, v_self=None, kv_lengths=Non
     if kv_lengths is not None:
         invalid = torch.arange(n_ctx, device=q.device)[None, :] >= kv_lengths.to(q.device)[:, None]  # [B, N]
         scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
-    if k_self is not None:
-        self_scores = (q.view(B, Hkv, group, n_task, D) * k_self[:, :, None]).sum(-1)
-        scores = torch.cat([scores, self_scores.reshape(B, Hkv, group * n_task, 1).to(soft_dtype) * scale], dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs[..., :n_ctx].to(v.dtype), v)  # [B, Hkv, G*K, D]
-    if k_self is not None:
-        p_self = probs[..., n_ctx:].to(v.dtype).view(B, Hkv, group, n_task, 1)
-        out = out + (p_self * v_self[:, :, None]).reshape(B, Hkv, group * n_task, D)
+    if k_self is None:
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs.to(v.dtype), v)
+        return out.reshape(B, Hq, n_task, D).to(q.dtype)
+    # Softmax over [context, self] without concatenating: one shared max and denominator.
+    self_scores = (q.view(B, Hkv, group, n_task, D) * k_self[:, :, None]).sum(-1)
+    self_scores = self_scores.reshape(B, Hkv, group * n_task, 1).to(soft_dtype) * scale
+    row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), self_scores).detach()
+    weights = torch.exp(scores - row_max)
+    self_weight = torch.exp(self_scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True) + self_weight
+    out = torch.matmul((weights / denom).to(v.dtype), v)  # [B, Hkv, G*K, D]
+    p_self = (self_weight / denom).to(v.dtype).view(B, Hkv, group, n_task, 1)
+    out = out + (p_self * v_self[:, :, None]).reshape(B, Hkv, group * n_task, D)
     return out.reshape(B, Hq, n_task, D).to(q.dtype)
 
 
@@ -760,3 +768,15 @@ def task_token_attention(
         q, k, v, k_self, v_self = (_prepare(t) for t in (q, k, v, k_self, v_self))
         return TaskTokenAttentionFunction.apply(q, k, v, k_self, v_self, lengths, scale)
     return task_token_attention_torch(q, k, v, k_self, v_self, lengths, scale)
+
+
+class _CallableModule(types.ModuleType):
+    """``tpo.kernels.task_token_attention`` names both this module and its function. Importing
+    the submodule binds the package attribute to the module, so ``from tpo.kernels import
+    task_token_attention`` may hand back the module; calling it then calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return task_token_attention(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

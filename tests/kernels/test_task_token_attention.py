@@ -187,6 +187,15 @@ def test_torch_backend_float64_and_reference_agree():
                    naive_reference(q, k, v, kv_lengths=lengths)) < 1e-12
 
 
+def test_package_export_is_callable():
+    """``from tpo.kernels import task_token_attention`` works whether the package attribute is
+    the function or the same-named submodule (bound once the submodule is imported)."""
+    from tpo.kernels import task_token_attention as exported
+
+    q, k, v, ks, vs = (t.detach().cpu().double() for t in make_inputs(1, 2, 1, 2, 6, 4, True, device="cpu"))
+    assert torch.equal(exported(q, k, v, ks, vs), task_token_attention(q, k, v, ks, vs))
+
+
 def test_scale_argument():
     q, k, v, ks, vs = (t.detach() for t in make_inputs(1, 2, 2, 2, 9, 8, True))
     for backend in ("triton", "torch"):

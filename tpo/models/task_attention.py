@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 TASK_TOKEN_ATTENTION = "tpo_task_tokens"
@@ -112,27 +111,33 @@ def task_token_attention_forward(
             f"{length} tokens; task tokens attend to the whole prefix. Use prefixes shorter than the window."
         )
 
-    q_prefix, q_task = query[:, :, :length], query[:, :, length:]
-    k_prefix, k_task = key[:, :, :length], key[:, :, length:]
-    v_prefix, v_task = value[:, :, :length], value[:, :, length:]
-    gqa = query.shape[1] != key.shape[1]
-
-    outputs = []
-    if length > 0:
-        mask = _prefix_mask(prefix_lengths, length, query.device)
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q_prefix, k_prefix, v_prefix, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
-            )
-        )
-    outputs.append(
-        task_token_attention(
-            q_task, k_prefix, v_prefix, k_self=k_task, v_self=v_task, kv_lengths=prefix_lengths,
-            scale=scaling, backend=backend,
-        )
-    )
-    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return out.transpose(1, 2).contiguous(), None
+    task_out = task_token_attention(
+        query[:, :, length:],
+        key[:, :, :length],
+        value[:, :, :length],
+        k_self=key[:, :, length:],
+        v_self=value[:, :, length:],
+        kv_lengths=prefix_lengths,
+        scale=scaling,
+        backend=backend,
+    ).transpose(1, 2)  # [B, K, Hq, D]
+    if length == 0:
+        return task_out.contiguous(), None
+    # The prefix: transformers' own SDPA path (it picks GQA support or repeat_kv by the mask).
+    kwargs.pop("sliding_window", None)
+    kwargs.pop("is_causal", None)
+    prefix_out, _ = sdpa_attention_forward(
+        module,
+        query[:, :, :length],
+        key[:, :, :length],
+        value[:, :, :length],
+        _prefix_mask(prefix_lengths, length, query.device),
+        dropout=0.0,
+        scaling=scaling,
+        is_causal=True,
+        **kwargs,
+    )  # [B, L, Hq, D]
+    return torch.cat([prefix_out, task_out], dim=1), None
 
 
 def register_task_token_attention() -> str:
