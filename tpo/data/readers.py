@@ -13,8 +13,9 @@
 Each returns validated :class:`~tpo.data.schema.Sample` objects (media paths
 resolved); write them with :func:`~tpo.data.schema.write_jsonl`, which makes
 the paths relative to the output file. Every problem of an input file is
-collected and raised as one ``ValueError`` naming the file, the line or entry,
-the sample id and the field.
+collected and raised as one ``ValueError`` naming the file, the line (JSONL
+and text files, 1-based) or the entry (JSON lists, 0-based index), the sample
+id and the field.
 """
 from __future__ import annotations
 
