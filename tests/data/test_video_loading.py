@@ -127,3 +127,40 @@ def test_video_file_through_pyav(tmp_path):
     assert np.abs(clip.frames[:, 0, 0, 0].astype(int) - frames[clip.indices, 0, 0, 0]).max() <= 2
     with pytest.raises(FileNotFoundError, match="gone.mp4"):
         load_clip("video_file", [str(tmp_path / "gone.mp4")])
+
+
+def test_video_file_samples_validate_and_load(tmp_path):
+    av = pytest.importorskip("av")
+    import json
+
+    from tpo.data import SampleDataset
+
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("ffv1", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv444p"
+        for i in range(6):
+            frame = np.full((16, 16, 3), 40 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    conv = [{"from": "human", "value": "<video>\nWhen?"}, {"from": "gpt", "value": "Then."}]
+    ok = {"id": "ok", "media": "clip.mkv", "conversations": conv, "spans": [[0.5, 1.0]],
+          "boxes": [{"frame": 3, "box": [0.1, 0.1, 0.5, 0.5]}]}
+    late = {"id": "late", "media": "clip.mkv", "conversations": conv,
+            "boxes": [{"frame": 6, "box": [0.1, 0.1, 0.5, 0.5]}]}
+    (tmp_path / "s.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(late) + "\n")
+    try:  # frame 6 of 6 frames: caught by the validator when the container says how many frames
+        ds = SampleDataset(str(tmp_path / "s.jsonl"), num_frames=3)
+    except ValueError as err:
+        assert "s.jsonl:2: sample 'late': field 'boxes[0].frame'" in str(err)
+        (tmp_path / "s.jsonl").write_text(json.dumps(ok) + "\n")
+        ds = SampleDataset(str(tmp_path / "s.jsonl"), num_frames=3)
+    else:  # otherwise when the sample is loaded
+        with pytest.raises(ValueError, match=r"s.jsonl:2: sample 'late': .*frame 6, past the end"):
+            ds[1]
+    item = ds[0]
+    assert item["media"].shape == (3, 3, 16, 16) and item["frame_indices"].tolist() == [1, 3, 5]
+    assert item["span_frames"].tolist() == [[False, True, True]]
+    assert item["box_frames"].tolist() == [1]

@@ -418,8 +418,8 @@ class _Checker:
             return None, False
         if self.check_media:
             try:
-                if media.is_video:
-                    self.num_frames = video_frame_count(media.kind, media.paths)
+                if media.is_video:  # a video file: from its container's header only
+                    self.num_frames = video_frame_count(media.kind, media.paths, decode=False)
                 self.size = media_size(media.kind, media.paths)
             except ImportError:
                 pass  # a video file without a decoder: reported when it is loaded

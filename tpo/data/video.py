@@ -130,17 +130,25 @@ def _decode_av(av, path: str, keep: set[int] | None) -> tuple[list[np.ndarray], 
     return frames, count
 
 
-def count_video_file_frames(path: str) -> int:
-    """The number of frames of a video file (decoding it when the container does not say)."""
+def count_video_file_frames(path: str, decode: bool = True) -> int | None:
+    """The number of frames of a video file: from the container, else by
+    decoding it (``decode=False``: ``None`` when the container does not say)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file {path!r} does not exist")
     av = _import_av()
     if av is not None:
-        with av.open(path) as container:
-            n = container.streams.video[0].frames
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise ValueError(f"video file {path!r} has no video stream")
+                n = container.streams.video[0].frames
+        except av.error.FFmpegError as err:
+            raise ValueError(f"video file {path!r} cannot be opened: {err}") from err
         if n > 0:
             return int(n)
-        return _decode_av(av, path, set())[1]
+        return _decode_av(av, path, set())[1] if decode else None
+    if not decode:
+        return None
     read_video = _torchvision_read_video()
     if read_video is not None:
         return int(read_video(path, pts_unit="sec", output_format="THWC")[0].shape[0])
@@ -240,9 +248,10 @@ class Clip:
     total: int
 
 
-def video_frame_count(kind: str, paths: Sequence[str]) -> int:
-    """The number of frames of a video medium without decoding its pixels
-    (except for a video file whose container does not say)."""
+def video_frame_count(kind: str, paths: Sequence[str], decode: bool = True) -> int | None:
+    """The number of frames of a video medium without decoding its pixels,
+    except for a video file whose container does not say (``decode=False``:
+    ``None`` then, and ``None`` for a video file without a decoder installed)."""
     if kind == "frames":
         return len(paths)
     if kind == "folder":
@@ -250,7 +259,7 @@ def video_frame_count(kind: str, paths: Sequence[str]) -> int:
     if kind == "npy":
         return int(open_npy_frames(paths[0]).shape[0])
     if kind == "video_file":
-        return count_video_file_frames(paths[0])
+        return count_video_file_frames(paths[0], decode)
     raise ValueError(f"media kind {kind!r} is not a video; video kinds are {', '.join(VIDEO_KINDS)}")
 
 
