@@ -55,7 +55,8 @@ def test_llava_json_and_jsonl(files):
 
 def test_llava_problems_name_entry_id_and_field(files):
     data = [
-        {"id": "ok", "image": "a.jpg", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        {"id": "ok", "image": "a.jpg",
+         "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
         {"id": "bad-role", "conversations": [{"from": "bot", "value": "x"}]},
         {"id": "missing", "image": "zzz.jpg", "conversations": [{"from": "human", "value": "x"},
                                                                  {"from": "gpt", "value": "y"}]},

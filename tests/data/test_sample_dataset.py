@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from tpo.registry import build_dataset
 
 from tpo.data import SampleDataset
 from tpo.data.synth import COLORS
-from tpo.registry import build_dataset
 
 
 @pytest.fixture(scope="module")

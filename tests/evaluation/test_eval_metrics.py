@@ -4,11 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from tpo.registry import build_metric
 
 from tpo.evaluation.metrics import (
+    boundary_f,
     box_iou,
     box_metrics,
-    boundary_f,
     extract_choice,
     j_and_f,
     mask_iou,
@@ -22,7 +23,6 @@ from tpo.evaluation.metrics import (
     success_curve,
     temporal_metrics,
 )
-from tpo.registry import build_metric
 
 
 def run(metric_cfg, samples):

@@ -142,7 +142,8 @@ def read_llava(path: str | os.PathLike, media_root: str | os.PathLike | None = N
         for i, turn in enumerate(turns):
             role = ROLE_MAP.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):
-                col.add(line, sid, f"conversations[{i}]", f"a turn is {{from: human|gpt, value: str}}, got {turn!r:.80}")
+                col.add(line, sid, f"conversations[{i}]",
+                        f"a turn is {{from: human|gpt, value: str}}, got {turn!r:.80}")
                 bad = True
                 continue
             conv.append({"from": role, "value": turn["value"]})
@@ -220,7 +221,8 @@ def read_refcoco(
             col.add(idx, sid, "image_id", f"image {image_id!r} is not in {instances}")
             continue
         if ann.get("image_id") != image_id:
-            col.add(idx, sid, "image_id", f"annotation {ann['id']} belongs to image {ann.get('image_id')}, not {image_id}")
+            col.add(idx, sid, "image_id",
+                    f"annotation {ann['id']} belongs to image {ann.get('image_id')}, not {image_id}")
             continue
         sentences = ref.get("sentences")
         if not isinstance(sentences, list) or not sentences:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .video import IMAGE_EXTENSIONS, VIDEO_KINDS, list_frame_files, media_kind, media_size, video_frame_count
+from .video import IMAGE_EXTENSIONS, VIDEO_KINDS, media_kind, media_size, video_frame_count
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -406,7 +406,8 @@ class _Checker:
                 return None, False
             not_images = [v for v in value if os.path.splitext(v)[1].lower() not in IMAGE_EXTENSIONS]
             if not_images:
-                self.problem("media", f"frames must be image files ({', '.join(IMAGE_EXTENSIONS)}), got {not_images[0]!r}")
+                self.problem("media",
+                             f"frames must be image files ({', '.join(IMAGE_EXTENSIONS)}), got {not_images[0]!r}")
                 return None, False
             media = Media("frames", tuple(self.resolve(v) for v in value), list(value))
             missing = [v for v, p in zip(value, media.paths) if not os.path.isfile(p)]
@@ -543,7 +544,8 @@ class _Checker:
                     self.problem(fld, f"mask PNG {value!r} cannot be read: {err}")
                     return None
                 if size != self.size:
-                    self.problem(fld, f"mask PNG {value!r} is {size[0]}x{size[1]}, the media {self.size[0]}x{self.size[1]}")
+                    self.problem(fld, f"mask PNG {value!r} is {size[0]}x{size[1]}, "
+                                      f"the media {self.size[0]}x{self.size[1]}")
                     return None
             return path
         problem = check_rle(value)
@@ -551,7 +553,8 @@ class _Checker:
             self.problem(fld, f"bad RLE: {problem}")
             return None
         if self.size is not None and tuple(value["size"]) != self.size:
-            self.problem(fld, f"mask size {value['size']} differs from the media size {list(self.size)} (height, width)")
+            self.problem(fld, f"mask size {value['size']} differs from the media size {list(self.size)} "
+                              "(height, width)")
             return None
         return value
 
@@ -599,7 +602,8 @@ class _Checker:
 
     def preference(self, value: Any) -> Preference | None:
         if not isinstance(value, dict):
-            self.problem("preference", f"must be an object {{prompt, chosen, rejected, judge}}, got {type(value).__name__}")
+            self.problem("preference",
+                         f"must be an object {{prompt, chosen, rejected, judge}}, got {type(value).__name__}")
             return None
         self.unknown_keys(value, PREFERENCE_FIELDS, "preference")
         parts = {}

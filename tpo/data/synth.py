@@ -351,7 +351,8 @@ def event_sentence(scene: Scene, e: Event) -> str:
     if e.kind == "enter":
         return f"At {fmt_time(e.first / T)}, the {s.name} enters at the {region_of(*s.centre(e.first), size, size)}."
     if e.kind == "leave":
-        return f"At {fmt_time(e.first / T)}, the {s.name} leaves from the {region_of(*s.centre(e.first - 1), size, size)}."
+        where = region_of(*s.centre(e.first - 1), size, size)
+        return f"At {fmt_time(e.first / T)}, the {s.name} leaves from the {where}."
     if e.kind == "move":
         end = region_of(*s.centre(e.last), size, size)
         return (
@@ -488,7 +489,8 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
         return qs
 
     # order of appearance
-    pairs = [(i, j) for i in range(len(shapes)) for j in range(i + 1, len(shapes)) if shapes[i].first != shapes[j].first]
+    pairs = [(i, j) for i in range(len(shapes)) for j in range(i + 1, len(shapes))
+             if shapes[i].first != shapes[j].first]
     if pairs:
         i, j = pairs[int(rng.integers(len(pairs)))]
         if rng.random() < 0.5:

@@ -121,6 +121,8 @@ def _no_video_backend(path: str) -> ImportError:
 def _decode_av(av, path: str, keep: set[int] | None) -> tuple[list[np.ndarray], int]:
     frames, count = [], 0
     with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"video file {path!r} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
@@ -168,7 +170,7 @@ def read_video_file(path: str, num_frames: int | None = None) -> tuple[np.ndarra
                 indices = np.arange(total)
             else:
                 with av.open(path) as container:
-                    total = int(container.streams.video[0].frames)
+                    total = int(container.streams.video[0].frames) if container.streams.video else 0
                 if total <= 0:
                     total = _decode_av(av, path, set())[1]
                 indices = uniform_indices(total, num_frames)

@@ -76,7 +76,8 @@ def qa_correct(prediction: str, answer: str, answer_type: str = "open", options:
         if options and not (len(key) == 1 and key.isalpha()):
             norm = [normalize_answer(o) for o in options]
             if normalize_answer(key) not in norm:
-                raise ValueError(f"the multiple-choice answer {answer!r} is neither a letter nor one of {list(options)}")
+                raise ValueError(
+                    f"the multiple-choice answer {answer!r} is neither a letter nor one of {list(options)}")
             key = chr(65 + norm.index(normalize_answer(key)))
         return extract_choice(prediction, options) == key.upper()
     if answer_type == "open":
