@@ -394,17 +394,39 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
 
-def _blocks(n_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D) for ``n_rows`` query rows per kv head."""
+class _Config:
+    """Tile sizes and launch settings of one split kernel (forward or backward)."""
+
+    def __init__(self, block_m, block_n, block_d, num_warps, num_stages, merge_block_m):
+        self.block_m, self.block_n, self.block_d = block_m, block_n, block_d
+        self.num_warps, self.num_stages, self.merge_block_m = num_warps, num_stages, merge_block_m
+
+
+def _config(kind: str, n_rows: int, head_dim: int, dtype: torch.dtype) -> _Config:
+    """Tiles for ``kind`` (``"fwd"`` or ``"bwd"``) with ``n_rows = G * K`` query rows per kv head.
+
+    Chosen from sm_90 compiles of the kernels (registers / spills / shared memory per
+    setting, contiguous inputs): no spills and at least two programs per SM at D = 128."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if _interpreting():
-        return 16, 16, block_d
-    block_m = min(64, max(16, triton.next_power_of_2(n_rows)))
-    # Keep the [BLOCK_N, BLOCK_D] key and value tiles within the register budget.
-    block_n = 64 if block_d <= 128 else 32
+        return _Config(16, 16, block_d, 4, 1, 32)  # merge tiles differ from split tiles on purpose
+    rows = max(16, triton.next_power_of_2(n_rows))
+    wide = block_d > 128
     if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
-    return block_m, block_n, block_d
+        if kind == "fwd":
+            return _Config(min(32, rows), 16 if wide else 32, block_d, 8, 2, 16)
+        return _Config(min(32 if not wide else 16, rows), 16, block_d, 8, 2, 16)
+    if kind == "fwd":
+        return _Config(min(64, rows), 32 if wide else 64, block_d, 4, 3, 16)
+    return _Config(min(64 if not wide else 32, rows), 32 if wide else 64, block_d, 8, 2, 16)
+
+
+def _split_plan(n_ctx: int, block_n: int, programs_per_split: int, device, num_splits=None) -> tuple[int, int]:
+    if num_splits is None:
+        return _num_splits(n_ctx, block_n, programs_per_split, device)
+    n_blocks = max(1, triton.cdiv(n_ctx, block_n))
+    blocks_per_chunk = triton.cdiv(n_blocks, max(1, min(int(num_splits), n_blocks)))
+    return triton.cdiv(n_blocks, blocks_per_chunk), blocks_per_chunk * block_n
 
 
 def _num_splits(n_ctx: int, block_n: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
@@ -431,15 +453,10 @@ def _triton_forward(q, k, v, k_self, v_self, lengths, scale, num_splits=None):
     Hkv, n_ctx = k.shape[1], k.shape[2]
     group = Hq // Hkv
     n_rows = group * n_task
-    block_m, block_n, block_d = _blocks(n_rows, D, q.dtype)
+    cfg = _config("fwd", n_rows, D, q.dtype)
+    block_m, block_n, block_d = cfg.block_m, cfg.block_n, cfg.block_d
     m_blocks = triton.cdiv(n_rows, block_m)
-    if num_splits is None:
-        n_splits, chunk = _num_splits(n_ctx, block_n, B * Hkv * m_blocks, q.device)
-    else:
-        n_blocks = max(1, triton.cdiv(n_ctx, block_n))
-        blocks_per_chunk = triton.cdiv(n_blocks, max(1, min(int(num_splits), n_blocks)))
-        chunk = blocks_per_chunk * block_n
-        n_splits = triton.cdiv(n_blocks, blocks_per_chunk)
+    n_splits, chunk = _split_plan(n_ctx, block_n, B * Hkv * m_blocks, q.device, num_splits)
 
     part_o = torch.empty((B * Hkv, n_splits, n_rows, block_d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B * Hkv, n_splits, n_rows), device=q.device, dtype=torch.float32)
@@ -456,17 +473,17 @@ def _triton_forward(q, k, v, k_self, v_self, lengths, scale, num_splits=None):
         scale_log2,
         HAS_LENGTHS=has_lengths, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     has_self = k_self is not None
     ks = k_self if has_self else q
     vs = v_self if has_self else q
-    _fwd_merge_kernel[(B * Hkv, m_blocks)](
+    _fwd_merge_kernel[(B * Hkv, triton.cdiv(n_rows, cfg.merge_block_m))](
         q, ks, vs, part_o, part_lse, out, lse,
         *_strides(q), *_strides(ks), *_strides(vs),
         Hkv, group, n_task, n_rows, n_splits,
         scale_log2,
-        HAS_SELF=has_self, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d,
+        HAS_SELF=has_self, HEAD_DIM=D, BLOCK_M=cfg.merge_block_m, BLOCK_D=block_d,
         num_warps=4,
     )
     return out, lse
@@ -477,15 +494,10 @@ def _triton_backward(q, k, v, k_self, v_self, lengths, scale, out, lse, dout, nu
     Hkv, n_ctx = k.shape[1], k.shape[2]
     group = Hq // Hkv
     n_rows = group * n_task
-    block_m, block_n, block_d = _blocks(n_rows, D, q.dtype)
+    cfg = _config("bwd", n_rows, D, q.dtype)
+    block_m, block_n, block_d = cfg.block_m, cfg.block_n, cfg.block_d
     m_blocks = triton.cdiv(n_rows, block_m)
-    if num_splits is None:
-        n_splits, chunk = _num_splits(n_ctx, block_n, B * Hkv * m_blocks, q.device)
-    else:
-        n_blocks = max(1, triton.cdiv(n_ctx, block_n))
-        blocks_per_chunk = triton.cdiv(n_blocks, max(1, min(int(num_splits), n_blocks)))
-        chunk = blocks_per_chunk * block_n
-        n_splits = triton.cdiv(n_blocks, blocks_per_chunk)
+    n_splits, chunk = _split_plan(n_ctx, block_n, B * Hkv * m_blocks, q.device, num_splits)
 
     dout = dout.contiguous()
     atomic_kv = m_blocks > 1
@@ -508,7 +520,7 @@ def _triton_backward(q, k, v, k_self, v_self, lengths, scale, out, lse, dout, nu
         HAS_LENGTHS=has_lengths, ATOMIC_KV=atomic_kv, HEAD_DIM=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     has_self = k_self is not None
     ks = k_self if has_self else q
@@ -519,12 +531,12 @@ def _triton_backward(q, k, v, k_self, v_self, lengths, scale, out, lse, dout, nu
         dvs_rows = torch.empty((B, Hq, n_task, D), device=q.device, dtype=torch.float32)
     else:
         dks_rows = dvs_rows = dq_part  # unused pointers when HAS_SELF is False
-    _bwd_finalize_kernel[(B * Hkv, m_blocks)](
+    _bwd_finalize_kernel[(B * Hkv, triton.cdiv(n_rows, cfg.merge_block_m))](
         q, ks, vs, out, dout, lse, dq_part, dq, dks_rows, dvs_rows,
         *_strides(q), *_strides(ks), *_strides(vs),
         Hkv, group, n_task, n_rows, n_splits,
         scale, scale_log2,
-        HAS_SELF=has_self, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d,
+        HAS_SELF=has_self, HEAD_DIM=D, BLOCK_M=cfg.merge_block_m, BLOCK_D=block_d,
         num_warps=4,
     )
     dk_self = dv_self = None
