@@ -1,0 +1,646 @@
+"""Fused linear + log-softmax + gather: per-token log-probabilities of the
+labels under ``softmax((hidden @ weight.T + bias) / temperature)``, without
+ever building the ``[N, V]`` logits.
+
+The op behind every log-prob in tpo (SFT's NLL, the per-sequence log-probs of
+DPO and its relatives, PPO's per-token log-probs)::
+
+    logp[n] = z[n, y[n]] / T - logsumexp_v(z[n, v] / T),   z = hidden @ weight.T + bias
+
+Forward keeps O(N) state: the per-token log-sum-exp (fp32). Backward recomputes
+the logits tile by tile from ``hidden``/``weight`` and forms
+
+    d logp[n] / d z[n, v] = (1[v == y[n]] - softmax(z[n] / T)[v]) / T
+
+on the fly, accumulating the gradients of ``hidden``, ``weight`` and ``bias``
+in fp32. Ignored positions (``labels == ignore_index``) are dropped before any
+matmul, so prompt and padding tokens cost nothing.
+
+Backends (``backend=``):
+
+* ``"triton"``: two Triton kernels in this file. The forward streams over
+  V tiles with an online log-sum-exp and picks out the label logit (the V range
+  is split across programs when N alone would leave the GPU idle, the partial
+  log-sum-exps are merged on the host). The backward runs one program per
+  (N tile, V tile): it recomputes the logits tile, turns it into ``dz`` and
+  adds ``dz @ W`` and ``dz.T @ h`` into fp32 buffers with atomics, skipping
+  tiles whose upstream gradient is all zero. On CPU the kernels run under the
+  Triton interpreter (``TRITON_INTERPRET=1``, fp32 only, for tests).
+* ``"torch"``: the same algorithm in chunks of rows with plain matmuls, one
+  ``[chunk, V]`` buffer reused in place (for CPU users and as the fallback).
+* ``"auto"``: ``"triton"`` for CUDA tensors when Triton is available, else
+  ``"torch"``.
+
+>>> out = fused_linear_logprob(hidden, lm_head.weight, labels)   # [B, T, H], [V, H], [B, T]
+>>> out.logps, out.counts                                        # [B] summed log-probs, [B] token counts
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+try:  # Triton is optional (not on every platform); the torch backend needs none of it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["LogProbs", "fused_linear_logprob", "reference_linear_logprob", "BACKENDS", "REDUCTIONS"]
+
+BACKENDS = ("auto", "triton", "torch")
+REDUCTIONS = ("none", "sum", "mean")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The torch backend's [chunk, V] work buffer, in elements (fp32): 32 MiB on CPU,
+# where the matmuls are efficient from a few hundred rows on, and 1 GiB on GPUs.
+_CPU_CHUNK_ELEMENTS = 1 << 23
+_GPU_CHUNK_ELEMENTS = 1 << 28
+
+
+class LogProbs(NamedTuple):
+    """What :func:`fused_linear_logprob` returns.
+
+    ``logps`` (fp32): per-token log-probs shaped like ``labels`` (0 at ignored
+    positions) for ``reduction="none"``; else per-sequence sums or means, ``[B]``
+    for ``[B, T, H]`` input and a 0-dim scalar (all N tokens as one sequence)
+    for ``[N, H]`` input. ``counts`` (int64): the number of non-ignored tokens,
+    per sequence (``[B]``) or in total (0-dim) for ``[N, H]`` input, whatever
+    the reduction. A mean over zero tokens is 0.
+    """
+
+    logps: torch.Tensor
+    counts: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Input checking
+# --------------------------------------------------------------------------------------
+def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, reduction, backend, chunk_size):
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"fused_linear_logprob: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"fused_linear_logprob: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(
+            f"fused_linear_logprob: hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}; "
+            "flatten extra leading dimensions first"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"fused_linear_logprob: weight must be [V, H] (the LM head's weight), got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(
+            f"fused_linear_logprob: hidden size mismatch: hidden has H={hidden.shape[-1]} (shape {tuple(hidden.shape)}) "
+            f"but weight is [V, H] = {tuple(weight.shape)}; pass the LM head weight, not its transpose"
+        )
+    if V == 0 or H == 0:
+        raise ValueError(f"fused_linear_logprob: weight must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"fused_linear_logprob: labels shape {tuple(labels.shape)} does not match hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])}; labels must be aligned with hidden (shift them before calling: "
+            "hidden[:, :-1] predicts labels[:, 1:])"
+        )
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"fused_linear_logprob: labels must hold integer token ids, got dtype {labels.dtype}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"fused_linear_logprob: hidden must be float32, bfloat16, float16 (or float64 on the torch backend), "
+            f"got {hidden.dtype}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"fused_linear_logprob: dtype mismatch: hidden is {hidden.dtype} but weight is {weight.dtype}; "
+            "cast one of them (e.g. hidden.to(weight.dtype))"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"fused_linear_logprob: bias must be [V] = [{V}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"fused_linear_logprob: dtype mismatch: bias is {bias.dtype} but hidden is {hidden.dtype}")
+    devices = {t.device for t in (hidden, weight, labels) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(
+            f"fused_linear_logprob: hidden, weight, labels (and bias) must be on one device, got {sorted(map(str, devices))}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"fused_linear_logprob: ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"fused_linear_logprob: temperature must be a positive number, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"fused_linear_logprob: temperature must be finite and > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"fused_linear_logprob: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_linear_logprob: backend must be one of {BACKENDS}, got {backend!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"fused_linear_logprob: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _check_label_range(labels: torch.Tensor, valid: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(labels[position])
+        where = ", ".join(map(str, position))
+        raise ValueError(
+            f"fused_linear_logprob: labels[{where}] = {value} is outside the vocabulary [0, {vocab}) "
+            f"(weight.shape[0] = {vocab}) and is not ignore_index={ignore_index}; set positions to skip "
+            f"to ignore_index, or pass the matching ignore_index"
+        )
+
+
+def _interpreting() -> bool:
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_logprob_fwd_kernel, InterpretedFunction)
+
+
+def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if (triton is not None and hidden.is_cuda) else "torch"
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("fused_linear_logprob: backend='triton' but triton is not installed; use backend='torch'")
+        if hidden.is_cuda:
+            if _interpreting():
+                raise RuntimeError(
+                    "fused_linear_logprob: TRITON_INTERPRET=1 is set but the tensors are on CUDA; the interpreter runs "
+                    "CPU tensors only: unset TRITON_INTERPRET or move the tensors to the CPU"
+                )
+        elif not _interpreting():
+            raise RuntimeError(
+                f"fused_linear_logprob: backend='triton' needs CUDA tensors, got {hidden.device}; use backend='torch' "
+                "on CPU (or set TRITON_INTERPRET=1 before importing triton to debug the kernels on CPU)"
+            )
+        if hidden.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"fused_linear_logprob: backend='triton' supports float32/bfloat16/float16, got {hidden.dtype}")
+        if not hidden.is_cuda and hidden.dtype != torch.float32:
+            raise TypeError(
+                f"fused_linear_logprob: the Triton interpreter (TRITON_INTERPRET=1) runs float32 only, got {hidden.dtype}; "
+                "use backend='torch' for low precision on CPU"
+            )
+    return backend
+
+
+# --------------------------------------------------------------------------------------
+# Torch backend: chunks of rows, one [chunk, V] buffer reused in place
+# --------------------------------------------------------------------------------------
+def _default_chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    budget = _GPU_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    rows = max(16, (budget // vocab) // 16 * 16)
+    return max(1, min(rows, n_rows))
+
+
+class _ChunkLogits:
+    """Computes ``(h[i:j] @ W.T + b) * inv_temp`` into one reused fp32 buffer."""
+
+    def __init__(self, hidden, weight, bias, inv_temp, chunk):
+        self.hidden, self.weight, self.bias, self.inv_temp = hidden, weight, bias, inv_temp
+        rows = min(chunk, hidden.shape[0])
+        vocab = weight.shape[0]
+        self.buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+        wide = hidden.dtype in (torch.float32, torch.float64)
+        self.wide = self.buf if wide else torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+
+    def __call__(self, i: int, j: int) -> torch.Tensor:
+        out = self.buf[: j - i]
+        if self.bias is None:
+            torch.mm(self.hidden[i:j], self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, self.hidden[i:j], self.weight.t(), out=out)
+        z = self.wide[: j - i]
+        if z.data_ptr() != out.data_ptr():
+            z.copy_(out)
+        if self.inv_temp != 1.0:
+            z.mul_(self.inv_temp)
+        return z
+
+
+def _torch_forward(hidden, weight, bias, labels, inv_temp, chunk):
+    n = hidden.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lse = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+    label_logit = torch.empty(n, dtype=acc_dtype, device=hidden.device)
+    logits = _ChunkLogits(hidden, weight, bias, inv_temp, chunk)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        z = logits(i, j)
+        label_logit[i:j] = z.gather(1, labels[i:j, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        z.sub_(m).exp_()
+        torch.log(z.sum(1), out=lse[i:j])
+        lse[i:j] += m.squeeze(1)
+    return lse, label_logit
+
+
+def _torch_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
+    n, h_size = hidden.shape
+    vocab = weight.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_h = torch.zeros_like(hidden) if needs[0] else None
+    grad_w = torch.zeros(vocab, h_size, dtype=acc_dtype, device=hidden.device) if needs[1] else None
+    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=hidden.device) if needs[2] else None
+    logits = _ChunkLogits(hidden, weight, bias, inv_temp, chunk)
+    on_cpu = hidden.device.type == "cpu"
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        g = gscaled[i:j]
+        if on_cpu and not bool(g.any()):  # a zero upstream gradient contributes nothing
+            continue
+        dz = logits(i, j)
+        dz.sub_(lse[i:j, None]).exp_()          # softmax
+        dz.mul_(g[:, None].neg())               # -g/T * p
+        dz.scatter_add_(1, labels[i:j, None], g[:, None])  # + g/T at the label
+        h_chunk = hidden[i:j]
+        if grad_h is not None:
+            if dz.dtype == hidden.dtype:
+                torch.mm(dz, weight, out=grad_h[i:j])
+            else:
+                torch.mm(dz.to(hidden.dtype), weight, out=grad_h[i:j])
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h_chunk if h_chunk.dtype == acc_dtype else h_chunk.to(acc_dtype))
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+    return grad_h, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------
+# Triton backend
+# --------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _logprob_fwd_kernel(
+        h_ptr, w_ptr, b_ptr, labels_ptr,
+        m_ptr, s_ptr, lab_ptr,
+        N, V, H,
+        stride_hn, stride_hh, stride_wv, stride_wh,
+        tiles_per_split, inv_temp,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """One program: BLOCK_N rows x one split of the V range. Streams over the
+        split's V tiles keeping a running max ``m`` and sum ``s`` of exp(z - m),
+        and the label's logit; writes them to [splits, N] partial buffers."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+        v_begin = pid_s * tiles_per_split * BLOCK_V
+        v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+
+        m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        s = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lab = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < v_end
+            z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_mask = ks < H
+                a = tl.load(
+                    h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wh,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0,
+                )
+                if IEEE:
+                    z = tl.dot(a, b, z, input_precision="ieee")
+                else:
+                    z = tl.dot(a, b, z)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            z = z * inv_temp
+            z = tl.where(col_mask[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m = m_new
+            lab += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        out = pid_s * N + rows
+        tl.store(m_ptr + out, m, mask=row_mask)
+        tl.store(s_ptr + out, s, mask=row_mask)
+        tl.store(lab_ptr + out, lab, mask=row_mask)
+
+    @triton.jit
+    def _logprob_bwd_kernel(
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
+        dh_ptr, dw_ptr, db_ptr,
+        N, V, H,
+        stride_hn, stride_hh, stride_wv, stride_wh,
+        inv_temp,
+        HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+        IEEE: tl.constexpr, GROUP_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """One program: one (N tile, V tile). Recomputes the logits tile, forms
+        dz = g/T * (onehot(label) - softmax) and adds dz @ W into dh and
+        dz.T @ h into dW (fp32 buffers, atomics), chunk by chunk of H."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_v = tl.cdiv(V, BLOCK_V)
+        # Grouped order: GROUP_N row tiles sweep the V tiles together (reuse of W tiles in L2).
+        per_group = GROUP_N * num_v
+        group = pid // per_group
+        first_n = group * GROUP_N
+        group_size = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_size
+        pid_v = (pid % per_group) // group_size
+
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # upstream grad * inv_temp, fp32
+        if tl.max(tl.abs(g), axis=0) > 0:
+            labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_mask = ks < H
+                a = tl.load(
+                    h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wh,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0,
+                )
+                if IEEE:
+                    z = tl.dot(a, b, z, input_precision="ieee")
+                else:
+                    z = tl.dot(a, b, z)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            p = tl.exp(z * inv_temp - lse[:, None])
+            is_label = cols[None, :] == labels[:, None]
+            dz = (tl.where(is_label, 1.0, 0.0) - p) * g[:, None]
+            dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+            if NEED_DB:
+                tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+            dz_in = dz.to(h_ptr.dtype.element_ty)
+            for k0 in range(0, H, BLOCK_H):
+                ks = k0 + tl.arange(0, BLOCK_H)
+                k_mask = ks < H
+                if NEED_DH:
+                    w = tl.load(
+                        w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0,
+                    )
+                    if IEEE:
+                        dh = tl.dot(dz_in, w, input_precision="ieee")
+                    else:
+                        dh = tl.dot(dz_in, w)
+                    tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :])
+                if NEED_DW:
+                    a = tl.load(
+                        h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+                    )
+                    if IEEE:
+                        dw = tl.dot(tl.trans(dz_in), a, input_precision="ieee")
+                    else:
+                        dw = tl.dot(tl.trans(dz_in), a)
+                    tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
+
+else:  # pragma: no cover
+    _logprob_fwd_kernel = _logprob_bwd_kernel = None
+
+
+def _triton_config(hidden: torch.Tensor) -> dict:
+    """Tile sizes. Under the interpreter: the smallest tiles tl.dot accepts
+    (fast to interpret). On GPUs: tiles that keep a [BLOCK_N, BLOCK_V] fp32
+    accumulator in registers."""
+    if not hidden.is_cuda:
+        return dict(fwd=dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16), bwd=dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16),
+                    fwd_launch={}, bwd_launch={})
+    wide = hidden.dtype == torch.float32
+    fwd = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32 if wide else 64)
+    bwd = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32 if wide else 64)
+    return dict(fwd=fwd, bwd=bwd, fwd_launch=dict(num_warps=8, num_stages=3), bwd_launch=dict(num_warps=4, num_stages=2))
+
+
+def _device_programs(hidden: torch.Tensor) -> int:
+    if hidden.is_cuda:
+        return 2 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
+    return 4  # the interpreter: a few splits, so that the split-V merge is exercised
+
+
+def _triton_forward(hidden, weight, bias, labels, inv_temp):
+    n, h_size = hidden.shape
+    vocab = weight.shape[0]
+    cfg = _triton_config(hidden)
+    bn, bv = cfg["fwd"]["BLOCK_N"], cfg["fwd"]["BLOCK_V"]
+    n_tiles = triton.cdiv(n, bn)
+    v_tiles = triton.cdiv(vocab, bv)
+    splits = max(1, min(v_tiles, _device_programs(hidden) // n_tiles))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    part = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
+    m, s, lab = part[0], part[1], part[2]
+    _logprob_fwd_kernel[(n_tiles, splits)](
+        hidden, weight, bias if bias is not None else hidden, labels,
+        m, s, lab,
+        n, vocab, h_size,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        tiles_per_split, inv_temp,
+        HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32,
+        **cfg["fwd"], **cfg["fwd_launch"],
+    )
+    lse = torch.logsumexp(m + torch.log(s), dim=0) if splits > 1 else m[0] + torch.log(s[0])
+    return lse, lab.sum(0)
+
+
+def _triton_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, needs):
+    n, h_size = hidden.shape
+    vocab = weight.shape[0]
+    cfg = _triton_config(hidden)
+    dev = hidden.device
+    grad_h = torch.zeros(n, h_size, dtype=torch.float32, device=dev) if needs[0] else None
+    grad_w = torch.zeros(vocab, h_size, dtype=torch.float32, device=dev) if needs[1] else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if needs[2] else None
+    if not any(needs):
+        return grad_h, grad_w, grad_b
+    dummy = lse
+    bn, bv = cfg["bwd"]["BLOCK_N"], cfg["bwd"]["BLOCK_V"]
+    grid = (triton.cdiv(n, bn) * triton.cdiv(vocab, bv),)
+    _logprob_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, lse, gscaled,
+        grad_h if grad_h is not None else dummy, grad_w if grad_w is not None else dummy,
+        grad_b if grad_b is not None else dummy,
+        n, vocab, h_size,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        inv_temp,
+        HAS_BIAS=bias is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2],
+        IEEE=hidden.dtype == torch.float32, GROUP_N=8,
+        **cfg["bwd"], **cfg["bwd_launch"],
+    )
+    if grad_h is not None:
+        grad_h = grad_h.to(hidden.dtype)
+    return grad_h, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------
+# autograd.Function over the non-ignored rows
+# --------------------------------------------------------------------------------------
+class _FusedLinearLogProbFunction(torch.autograd.Function):
+    """Per-token log-probs of rows whose labels are all valid (ignored rows are
+    removed by the caller). Output fp32 (fp64 for fp64 inputs on torch)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, backend, chunk):
+        ctx.inv_temp, ctx.backend, ctx.chunk = inv_temp, backend, chunk
+        n = hidden.shape[0]
+        if n == 0:
+            lse = hidden.new_zeros(0, dtype=torch.float32)
+            out = lse.clone()
+        elif backend == "triton":
+            with torch.cuda.device(hidden.device) if hidden.is_cuda else _nullcontext():
+                lse, lab = _triton_forward(hidden, weight, bias, labels, inv_temp)
+            out = lab - lse
+        else:
+            lse, lab = _torch_forward(hidden, weight, bias, labels, inv_temp, chunk)
+            out = lab - lse
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.mark_non_differentiable(lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if hidden.shape[0] == 0 or not any(needs):
+            grad_h = torch.zeros_like(hidden) if needs[0] else None
+            grad_w = torch.zeros_like(weight) if needs[1] else None
+            grad_b = torch.zeros_like(bias) if needs[2] else None
+            return grad_h, grad_w, grad_b, None, None, None, None
+        gscaled = (grad_out.to(lse.dtype) * ctx.inv_temp).contiguous()
+        if ctx.backend == "triton":
+            with torch.cuda.device(hidden.device) if hidden.is_cuda else _nullcontext():
+                grad_h, grad_w, grad_b = _triton_backward(hidden, weight, bias, labels, lse, gscaled, ctx.inv_temp, needs)
+        else:
+            grad_h, grad_w, grad_b = _torch_backward(hidden, weight, bias, labels, lse, gscaled, ctx.inv_temp, ctx.chunk, needs)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != bias.dtype:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+def fused_linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "sum",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> LogProbs:
+    """Log-probabilities of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]`` hidden states (fp32, bf16, fp16; fp64 on the torch backend).
+        weight: ``[V, H]`` LM head weight, same dtype as ``hidden``.
+        labels: ``[N]`` or ``[B, T]`` token ids, aligned with ``hidden`` (the caller shifts:
+            ``hidden[:, :-1]`` goes with ``labels[:, 1:]``); ``ignore_index`` marks positions to skip.
+        bias: optional ``[V]`` LM head bias.
+        temperature: logits are divided by it before the softmax (> 0).
+        reduction: ``"none"`` per-token log-probs shaped like ``labels`` (0 where ignored);
+            ``"sum"``/``"mean"`` over the tokens of each sequence: ``[B]`` for ``[B, T, H]``,
+            a 0-dim scalar over all N tokens for ``[N, H]``. A mean over no tokens is 0.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
+        chunk_size: rows per chunk of the torch backend (default: a [chunk, V] buffer of
+            32 MiB on CPU, 1 GiB on GPU).
+
+    Returns:
+        :class:`LogProbs` ``(logps, counts)``: ``logps`` in fp32 (fp64 for fp64 inputs),
+        ``counts`` (int64) the non-ignored tokens per sequence (``[B]``) or in total (0-dim).
+        Gradients flow to ``hidden``, ``weight`` and ``bias``.
+    """
+    _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, reduction, backend, chunk_size)
+    backend = _resolve_backend(backend, hidden)
+    vocab, h_size = weight.shape
+    flat_hidden = hidden.reshape(-1, h_size)
+    flat_labels = labels.reshape(-1).long()
+    valid = flat_labels != ignore_index
+    _check_label_range(labels.long(), valid.view(labels.shape), vocab, ignore_index)
+    n = flat_labels.shape[0]
+    chunk = int(chunk_size) if chunk_size is not None else _default_chunk_rows(n, vocab, hidden.device)
+    inv_temp = 1.0 / float(temperature)
+
+    all_valid = bool(valid.all())
+    if all_valid:
+        rows_hidden, rows_labels = flat_hidden, flat_labels
+    else:
+        index = valid.nonzero().squeeze(1)
+        rows_hidden, rows_labels = flat_hidden.index_select(0, index), flat_labels.index_select(0, index)
+    if backend == "triton" or rows_hidden.stride(-1) != 1:
+        rows_hidden = rows_hidden.contiguous()
+    rows_logps = _FusedLinearLogProbFunction.apply(
+        rows_hidden, weight, bias, rows_labels.contiguous(), inv_temp, backend, chunk
+    )
+    if all_valid:
+        token_logps = rows_logps
+    else:
+        token_logps = rows_logps.new_zeros(n).index_copy(0, index, rows_logps)
+
+    token_logps = token_logps.view(labels.shape)
+    mask = valid.view(labels.shape)
+    if hidden.dim() == 3:
+        counts = mask.sum(1)
+        sums = token_logps.sum(1) if reduction != "none" else None
+    else:
+        counts = mask.sum()
+        sums = token_logps.sum() if reduction != "none" else None
+    if reduction == "none":
+        return LogProbs(token_logps, counts)
+    if reduction == "sum":
+        return LogProbs(sums, counts)
+    return LogProbs(sums / counts.clamp(min=1).to(sums.dtype), counts)
+
+
+def reference_linear_logprob(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, reduction="sum"):
+    """The eager computation the fused op replaces (materialises the ``[N, V]`` logits,
+    in the inputs' dtype, then an fp32 log-softmax, as TRL does). For tests and benchmarks."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    logp = (logits / temperature).log_softmax(-1)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    token = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * mask
+    counts = mask.sum(-1)
+    if reduction == "none":
+        return LogProbs(token, counts)
+    sums = token.sum(-1)
+    if reduction == "sum":
+        return LogProbs(sums, counts)
+    return LogProbs(sums / counts.clamp(min=1).to(sums.dtype), counts)
