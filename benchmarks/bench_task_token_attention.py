@@ -35,7 +35,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tpo.kernels.task_token_attention import task_token_attention, task_token_attention_reference  # noqa: E402
+from tpo.kernels.task_token_attention import task_token_attention, task_token_attention_reference
 
 CUDA = torch.cuda.is_available()
 TARGET_FRACTION = 0.70
@@ -155,7 +155,7 @@ def _inputs(B, Hq, Hkv, K, N, D, fractions, dtype, device, requires_grad):
 
     q, k, v = rand(B, Hq, K, D), rand(B, Hkv, N, D), rand(B, Hkv, N, D)
     ks, vs = rand(B, Hkv, K, D), rand(B, Hkv, K, D)
-    lengths = torch.tensor([max(1, int(round(f * N))) for f in fractions], device=device)
+    lengths = torch.tensor([max(1, round(f * N)) for f in fractions], device=device)
     return (q, k, v, ks, vs), lengths
 
 

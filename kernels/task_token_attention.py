@@ -54,10 +54,10 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     _HAS_TRITON = False
 
 __all__ = [
-    "task_token_attention",
-    "task_token_attention_torch",
-    "task_token_attention_reference",
     "TaskTokenAttentionFunction",
+    "task_token_attention",
+    "task_token_attention_reference",
+    "task_token_attention_torch",
 ]
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -214,7 +214,7 @@ if _HAS_TRITON:
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        for s_idx in range(0, n_splits):
+        for s_idx in range(n_splits):
             part = pid_bh * n_splits + s_idx
             lse_s = tl.load(PartLse + part * n_rows + rows, mask=row_ok, other=float("-inf"))
             o_s = tl.load(
@@ -355,7 +355,7 @@ if _HAS_TRITON:
         out_ptrs = out_rows[:, None] * HEAD_DIM + offs_d[None, :]
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for s_idx in range(0, n_splits):
+        for s_idx in range(n_splits):
             part = pid_bh * n_splits + s_idx
             dq += tl.load(
                 DQPart + (part * n_rows + rows[:, None]) * BLOCK_D + offs_d[None, :],
@@ -618,7 +618,7 @@ def task_token_mask(kv_lengths, n_ctx: int, n_task: int, batch: int, device, wit
 def task_token_attention_reference(q, k, v, k_self=None, v_self=None, kv_lengths=None, scale=None):
     """What one writes without this op: PyTorch SDPA over ``cat(context, self keys)`` with
     an explicit ``[B, 1, K, N + K]`` mask (GQA through ``enable_gqa``)."""
-    B, Hq, n_task, D = q.shape
+    B, Hq, n_task, _ = q.shape
     n_ctx = k.shape[2]
     with_self = k_self is not None
     keys = torch.cat([k, k_self], dim=2) if with_self else k

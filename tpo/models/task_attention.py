@@ -35,9 +35,9 @@ _BACKEND_KW = "tpo_task_backend"
 __all__ = [
     "TASK_TOKEN_ATTENTION",
     "register_task_token_attention",
-    "task_token_attention_forward",
-    "task_token_attention_enabled",
     "score_task_tokens",
+    "task_token_attention_enabled",
+    "task_token_attention_forward",
 ]
 
 
