@@ -274,7 +274,7 @@ def test_gpu_low_precision_within_eager_error(dtype, B, Hq, Hkv, K, N, D, length
         ["out", "dq", "dk", "dv", "dk_self", "dv_self"], (out, *grads), (ref, *ref_grads), (eager, *eager_grads)
     ):
         err, eager_err = max_err(got, want), max_err(base, want)
-        assert err <= 2.0 * eager_err + 1e-3 * max(1.0, want.abs().max().item()), (name, err, eager_err)
+        assert err <= 3.0 * eager_err + 1e-3 * max(1.0, want.abs().max().item()), (name, err, eager_err)
 
 
 @pytest.mark.gpu
