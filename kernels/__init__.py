@@ -2,22 +2,17 @@
 reference, an ``autograd.Function``, a functional API and a ``backend=``
 switch (``auto``, ``triton``, ``torch``).
 
-Names are imported lazily so that ``import tpo.kernels`` stays cheap.
+The functions are imported here, after their same-named modules, so that
+``from tpo.kernels import fused_linear_logprob`` is always the function.
 """
-import importlib
+from .fused_linear_logprob import LogProbs, fused_linear_logprob
+from .fused_linear_preference import FusedLinearPreferenceLoss, fused_linear_preference_loss
+from .task_token_attention import task_token_attention
 
-_EXPORTS = {
-    "fused_linear_logprob": "fused_linear_logprob",
-    "FusedLinearPreferenceLoss": "fused_linear_preference",
-    "fused_linear_preference_loss": "fused_linear_preference",
-    "task_token_attention": "task_token_attention",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    return getattr(module, name)
+__all__ = [
+    "FusedLinearPreferenceLoss",
+    "LogProbs",
+    "fused_linear_logprob",
+    "fused_linear_preference_loss",
+    "task_token_attention",
+]

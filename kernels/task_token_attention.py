@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 from collections.abc import Sequence
 
 import torch
@@ -781,14 +779,3 @@ def task_token_attention(
         return TaskTokenAttentionFunction.apply(q, k, v, k_self, v_self, lengths, scale)
     return task_token_attention_torch(q, k, v, k_self, v_self, lengths, scale)
 
-
-class _CallableModule(types.ModuleType):
-    """``tpo.kernels.task_token_attention`` names both this module and its function. Importing
-    the submodule binds the package attribute to the module, so ``from tpo.kernels import
-    task_token_attention`` may hand back the module; calling it then calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return task_token_attention(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

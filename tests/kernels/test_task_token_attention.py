@@ -186,9 +186,12 @@ def test_torch_backend_float64_and_reference_agree():
 
 
 def test_package_export_is_callable():
-    """``from tpo.kernels import task_token_attention`` works whether the package attribute is
-    the function or the same-named submodule (bound once the submodule is imported)."""
+    """``from tpo.kernels import task_token_attention`` is the function, also after the
+    same-named submodule has been imported."""
+    import tpo.kernels.task_token_attention  # noqa: F401
     from tpo.kernels import task_token_attention as exported
+
+    assert callable(exported) and exported.__name__ == "task_token_attention"
 
     q, k, v, ks, vs = (t.detach().cpu().double() for t in make_inputs(1, 2, 1, 2, 6, 4, True, device="cpu"))
     assert torch.equal(exported(q, k, v, ks, vs), task_token_attention(q, k, v, ks, vs))

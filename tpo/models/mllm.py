@@ -192,6 +192,7 @@ class MultimodalLLM(FreezeAwareModule):
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, media, kwargs.pop("ids", None))
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
+        kwargs.setdefault("use_cache", True)
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -199,7 +200,6 @@ class MultimodalLLM(FreezeAwareModule):
             do_sample=do_sample,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            use_cache=True,
             **sampling,
             **kwargs,
         )
