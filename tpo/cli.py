@@ -14,7 +14,8 @@ from tpo.registry import ALL_REGISTRIES, build_model, load_config, registered_na
 def _first_line(obj) -> str:
     """The first sentence of ``obj``'s docstring."""
     paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
-    return paragraph.split(". ")[0].rstrip(".")
+    sentence = paragraph.split(". ")[0].rstrip(".").replace("``", "")
+    return sentence if len(sentence) <= 90 else sentence[:87].rstrip() + "..."
 
 
 def cmd_registry(args) -> int:
@@ -55,23 +56,24 @@ def cmd_build(args) -> int:
 
 def load_image(path: str):
     """An image file -> uint8 tensor ``[3, H, W]``."""
-    import numpy as np
     import torch
-    from PIL import Image
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--image {path!r} does not exist")
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    from tpo.data.video import load_image as read_image
+
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1)
 
 
-def load_video(path: str):
+def load_video(path: str, num_frames: int):
     """A video (``.npy`` frames, a folder of frames, or a video file) ->
-    uint8 tensor ``[T, 3, H, W]``."""
-    from tpo.data.video import load_frames
+    ``num_frames`` uniformly sampled frames, uint8 tensor ``[T, 3, H, W]``."""
+    import torch
 
-    return load_frames(path).frames
+    from tpo.data.video import load_clip, media_kind
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--video {path!r} does not exist")
+    clip = load_clip(media_kind(path), [path], num_frames)
+    return torch.from_numpy(clip.frames).permute(0, 3, 1, 2)
 
 
 def cmd_chat(args) -> int:
@@ -81,9 +83,9 @@ def cmd_chat(args) -> int:
         print("give exactly one of --image PATH or --video PATH", file=sys.stderr)
         return 2
     image = load_image(args.image) if args.image else None
-    video = load_video(args.video) if args.video else None
     torch.manual_seed(args.seed)
     model = build_model(args.config, cfg_options=args.cfg_options)
+    video = load_video(args.video, model.processor.num_frames) if args.video else None
     if args.checkpoint:
         from tpo.models.utils import load_model_weights
 
@@ -100,12 +102,6 @@ def cmd_chat(args) -> int:
     )
     print(json.dumps({"prompt": args.prompt, "answer": answer}, ensure_ascii=False) if args.json else answer)
     return 0
-
-
-def cmd_data_synth(args) -> int:
-    from tpo.data.synth import main as synth_main
-
-    return synth_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,13 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("synth", help="write the synthetic grounded video benchmark", add_help=False)
-    q.add_argument("rest", nargs=argparse.REMAINDER)
-    q.set_defaults(func=cmd_data_synth)
+    # `tpo data synth ...` is handed to tpo.data.synth.main whole (see main()).
+    data_sub.add_parser("synth", help="write the synthetic grounded video benchmark (--out DIR --num N ...)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["data", "synth"]:
+        from tpo.data.synth import main as synth_main
+
+        return synth_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

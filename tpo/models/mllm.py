@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tpo.kernels import fused_linear_logprob
 from tpo.registry import LLMS, MODELS, PROJECTORS, TOKENIZERS, VISION_ENCODERS, build_child, current_config_key
 
 from .processor import MultimodalProcessor
@@ -27,6 +27,8 @@ class MultimodalLLM(FreezeAwareModule):
             and special token ids are filled in from the others).
         num_frames: frames sampled uniformly from a video.
         freeze_projector: keep the projector's weights fixed.
+        kernel_backend: backend of the fused log-prob kernel (``auto``: Triton
+            on CUDA, chunked torch otherwise; ``triton``; ``torch``).
 
     ``forward(batch)`` takes ``input_ids``, ``attention_mask``, optional
     ``labels`` and ``media`` (one ``[T, 3, H, W]`` preprocessed tensor or
@@ -43,8 +45,12 @@ class MultimodalLLM(FreezeAwareModule):
         tokenizer: dict,
         num_frames: int = 8,
         freeze_projector: bool = False,
+        kernel_backend: str = "auto",
     ):
         super().__init__()
+        if kernel_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"{current_config_key('kernel_backend')}: use 'auto', 'triton' or 'torch', got {kernel_backend!r}")
+        self.kernel_backend = kernel_backend
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"{current_config_key('num_frames')}: must be a positive int, got {num_frames!r}")
         self.tokenizer = build_child(tokenizer, TOKENIZERS, "tokenizer")
@@ -165,13 +171,21 @@ class MultimodalLLM(FreezeAwareModule):
         return out
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over labelled tokens, and their count."""
+        """Mean next-token cross-entropy over labelled tokens, and their count,
+        through the fused log-prob kernel: the ``[tokens, vocab]`` logits are
+        never materialised and unlabelled positions cost nothing."""
         head = self.llm.get_output_embeddings()
         shifted = labels[:, 1:]
-        logits = head(hidden[:, :-1]).float()
-        count = (shifted != IGNORE_INDEX).sum()
-        total = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / count.clamp(min=1), count
+        logps = fused_linear_logprob(
+            hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+            head.weight,
+            shifted.reshape(-1),
+            bias=head.bias,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            backend=self.kernel_backend,
+        )
+        return -logps.logps / logps.counts.clamp(min=1), logps.counts
 
     # -------------------------------------------------------------- inference
     @torch.no_grad()

@@ -31,16 +31,14 @@ class MultimodalProcessor:
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 
     def sample_frames(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uniformly sample ``num_frames`` of ``frames [T, 3, H, W]``: the frame
-        at the centre of each of ``num_frames`` equal segments. Returns the
-        frames and their normalised timestamps (segment centres in [0, 1])."""
+        """Uniformly sample ``num_frames`` of ``frames [T, 3, H, W]`` (all of
+        them when there are fewer), as the data loaders do. Returns the frames
+        and their normalised timestamps."""
+        from tpo.data.video import frame_timestamps, uniform_indices
+
         total = frames.shape[0]
-        if total == 0:
-            raise ValueError("a video with no frames cannot be encoded")
-        count = self.num_frames
-        centres = (torch.arange(count, dtype=torch.float64) + 0.5) / count
-        index = (centres * total).floor().long().clamp_(0, total - 1)
-        return frames[index], (index.double() + 0.5) / total
+        index = uniform_indices(total, self.num_frames)
+        return frames[torch.from_numpy(index)], torch.from_numpy(frame_timestamps(index, total))
 
     def prepare_media(self, media, kind: str) -> torch.Tensor:
         """An image (``[3, H, W]``, PIL) -> ``[1, 3, h, w]``; a video
