@@ -54,6 +54,9 @@ class MultimodalLLM(FreezeAwareModule):
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"{current_config_key('num_frames')}: must be a positive int, got {num_frames!r}")
         self.tokenizer = build_child(tokenizer, TOKENIZERS, "tokenizer")
+        extra = [t for t in self.extra_special_tokens() if t not in self.tokenizer.get_vocab()]
+        if extra:
+            self.tokenizer.add_tokens(extra, special_tokens=True)
         self.vision_encoder = build_child(vision_encoder, VISION_ENCODERS, "vision_encoder")
         special = {
             "pad_token_id": self.tokenizer.pad_token_id,
@@ -101,33 +104,46 @@ class MultimodalLLM(FreezeAwareModule):
             raise ValueError(f"batch['media'] has {len(media)} items for {batch_size} samples; give one (or None) each")
         return [None if m is None else (m.unsqueeze(0) if m.dim() == 3 else m) for m in media]
 
-    def encode_media(self, media: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def extra_special_tokens(self) -> list[str]:
+        """Tokens a subclass adds to the tokenizer before the LLM is built
+        (task tokens); a pretrained LLM's new rows start at the mean embedding."""
+        return []
+
+    def encode_media(self, media: Sequence[torch.Tensor | None], return_features: bool = False):
         """Per sample ``[T * tokens_per_frame, hidden]`` visual embeddings (or
-        ``None``); all frames of the batch go through the encoder at once."""
+        ``None``); all frames of the batch go through the encoder at once.
+        With ``return_features``, also the encoder's features ``[T, N, C]``
+        per sample (what the task heads read)."""
         present = [m for m in media if m is not None]
         if not present:
-            return [None] * len(media)
+            empty = [None] * len(media)
+            return (empty, list(empty)) if return_features else empty
         frames = torch.cat(present, dim=0)
         param = next(self.projector.parameters())
         features = self.vision_encoder(frames.to(param.device))  # [sum T, 1, N, C]
         tokens = self.projector(features.to(param.dtype), grid_size=self.vision_encoder.grid_size)
         tokens = tokens.flatten(1, 2)  # [sum T, tokens_per_frame, D]
-        out, start = [], 0
+        out, feats, start = [], [], 0
         for m in media:
             if m is None:
                 out.append(None)
+                feats.append(None)
                 continue
             out.append(tokens[start : start + m.shape[0]].flatten(0, 1))
+            feats.append(features[start : start + m.shape[0], 0])
             start += m.shape[0]
-        return out
+        return (out, feats) if return_features else out
 
-    def embed_inputs(self, input_ids: torch.Tensor, media, ids: Sequence | None = None) -> torch.Tensor:
+    def embed_inputs(
+        self, input_ids: torch.Tensor, media, ids: Sequence | None = None, return_features: bool = False
+    ):
         """Token embeddings with the visual tokens spliced in at the media
-        placeholders. A count mismatch is an error naming the sample."""
+        placeholders. A count mismatch is an error naming the sample. With
+        ``return_features``, also the per-sample encoder features."""
         media = self._media_list(media, input_ids.shape[0])
         is_media = torch.isin(input_ids, self.media_token_ids.to(input_ids.device))
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_media, 0))
-        visual = self.encode_media(media)
+        visual, features = self.encode_media(media, return_features=True)
         for b, feats in enumerate(visual):
             have = int(is_media[b].sum())
             want = 0 if feats is None else feats.shape[0]
@@ -143,7 +159,13 @@ class MultimodalLLM(FreezeAwareModule):
         if any(v is not None for v in visual):
             stacked = torch.cat([v for v in visual if v is not None]).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_media.unsqueeze(-1), stacked)
-        return embeds
+        return (embeds, features) if return_features else embeds
+
+    def decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states ``[B, L, D]`` for input embeddings
+        (positions counted from each row's first real token)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
     # --------------------------------------------------------------- training
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -157,18 +179,19 @@ class MultimodalLLM(FreezeAwareModule):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, batch.get("media"), batch.get("ids"))
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = hidden.last_hidden_state
+        hidden = self.decode(embeds, attention_mask)
         out: dict[str, Any] = {"hidden_states": hidden, "losses": {}}
         labels = batch.get("labels")
         if labels is not None:
-            labels = labels.masked_fill(torch.isin(input_ids, self.media_token_ids.to(input_ids.device)), IGNORE_INDEX)
-            lm, count = self.lm_loss(hidden, labels)
+            lm, count = self.lm_loss(hidden, self.mask_media_labels(input_ids, labels))
             out["losses"]["lm"] = lm
             out["num_tokens"] = count
             out["loss"] = lm
         return out
+
+    def mask_media_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` with the media placeholder positions ignored."""
+        return labels.masked_fill(torch.isin(input_ids, self.media_token_ids.to(input_ids.device)), IGNORE_INDEX)
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over labelled tokens, and their count,

@@ -1,0 +1,219 @@
+"""The MLLM in TPO mode: task tokens, heads, named losses, gradients,
+memorisation, predict, user-defined heads, bad input."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpo.models.mllm import IGNORE_INDEX
+from tpo.models.tpo_model import BOX_TOKEN, task_tokens
+from tpo.registry import TASK_HEADS, build_model, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "tpo" / "timm_mlp_llama.py"
+
+
+def _frames(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def _disk_mask(t, h=32, w=32):
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([((yy - 10 - 2 * i) ** 2 + (xx - 12) ** 2) < 36 for i in range(t)])
+
+
+# (prompt, kind, task, media seed) of each sample; None task = plain conversation
+SAMPLES = [
+    ("Where is the red circle?", "image", "region", 0),
+    ("When does the square enter?", "video", "temporal", 1),
+    ("Segment the triangle.", "video", "mask", 2),
+    ("Track the object.", "video", "track", 3),
+    ("What colour is it?", "image", None, 4),
+]
+BOX = torch.tensor([[0.1, 0.2, 0.6, 0.7]])
+SPAN = torch.tensor([[0.25, 0.75]])
+INIT = torch.tensor([[0.2, 0.2, 0.5, 0.5]])
+TRACK = torch.tensor([[[0.2, 0.2, 0.5, 0.5], [0.3, 0.25, 0.6, 0.55], [0.4, 0.3, 0.7, 0.6], [0.5, 0.35, 0.8, 0.65]]])
+
+
+def make_batch(model):
+    proc, tok = model.processor, model.tokenizer
+    texts, media, labels_from = [], [], []
+    for prompt, kind, task, seed in SAMPLES:
+        m = proc.prepare_media(_frames(seed, 1)[0] if kind == "image" else _frames(seed, 4), kind)
+        text_prompt = prompt + (f" {BOX_TOKEN}" if task == "track" else "")
+        head = proc.expand_placeholders(proc.chat_prompt(text_prompt, kind), [m.shape[0]])
+        answer = "ok" + ("".join(task_tokens(task)) if task else "") + tok.eos_token
+        texts.append(head + answer)
+        labels_from.append(len(tok(head, add_special_tokens=False).input_ids))
+        media.append(m)
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = enc.input_ids.clone()
+    for b, start in enumerate(labels_from):
+        labels[b, :start] = IGNORE_INDEX
+    labels[enc.attention_mask == 0] = IGNORE_INDEX
+    ids = [f"s{b}" for b in range(len(SAMPLES))]
+    task_targets = {
+        "region": {"index": torch.tensor([0]), "boxes": BOX},
+        "temporal": {"index": torch.tensor([1]), "spans": SPAN},
+        "mask": {"index": torch.tensor([2]), "masks": _disk_mask(4)[None], "frame_valid": torch.ones(1, 4, dtype=torch.bool)},
+        "track": {"index": torch.tensor([3]), "init_boxes": INIT, "boxes": TRACK, "valid": torch.ones(1, 4, dtype=torch.bool)},
+    }
+    return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, media=media, ids=ids,
+                task_targets=task_targets, input_boxes=INIT)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(CONFIG)
+
+
+def test_task_tokens_extend_the_tokenizer(model):
+    vocab = model.tokenizer.get_vocab()
+    for task in ("region", "temporal", "mask", "track"):
+        for token in task_tokens(task):
+            assert token in vocab
+    assert model.llm.get_input_embeddings().num_embeddings >= len(model.tokenizer)
+    assert model.tasks["mask"] == {"annotation": "masks"}
+
+
+def test_named_losses_and_gradients(model):
+    batch = make_batch(model)
+    model.train()
+    out = model(batch)
+    names = set(out["losses"])
+    assert {"lm", "assign", "region.l1", "region.giou"} <= names
+    assert any(n.startswith("temporal.") for n in names) and any(n.startswith("mask.") for n in names)
+    assert any(n.startswith("track.") for n in names)
+    assert torch.isfinite(out["loss"])
+    assert out["predictions"]["region"]["boxes"].shape == (1, 4)
+    model.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    for task in ("region", "temporal", "mask", "track"):
+        assert model.task_embeddings[task].grad is not None and model.task_embeddings[task].grad.abs().sum() > 0, task
+        assert all(p.grad is not None for p in model.heads[task].parameters() if p.requires_grad), task
+    assert all(p.grad is not None for p in model.box_encoder.parameters())
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_gradients_reach_lora_weights():
+    torch.manual_seed(0)
+    lora_model = build_model(CONFIG, cfg_options={
+        "model.llm.lora": dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])})
+    out = lora_model(make_batch(lora_model))
+    out["loss"].backward()
+    lora = [p for n, p in lora_model.llm.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    assert lora_model.task_embeddings["region"].grad is not None
+
+
+def test_overfit_then_predict_returns_the_memorised_results():
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    batch = make_batch(model)
+    model.train()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    first = None
+    for step in range(150):
+        out = model(batch)
+        optimiser.zero_grad()
+        out["loss"].backward()
+        optimiser.step()
+        first = first if first is not None else {k: v.item() for k, v in out["losses"].items()}
+    last = {k: v.item() for k, v in out["losses"].items()}
+    model.eval()
+    for key in ("region.l1", "region.giou", "lm", "assign"):
+        assert last[key] < 0.1 * first[key] + 1e-3, (key, first[key], last[key])
+    region = model.predict("Where is the red circle?", image=_frames(0, 1)[0], max_new_tokens=8)
+    assert "region" in region["tasks"], region
+    torch.testing.assert_close(region["tasks"]["region"]["boxes"], BOX, atol=0.05, rtol=0)
+    temporal = model.predict("When does the square enter?", video=_frames(1, 4), max_new_tokens=8)
+    assert "temporal" in temporal["tasks"], temporal
+    torch.testing.assert_close(temporal["tasks"]["temporal"]["spans"], SPAN, atol=0.08, rtol=0)
+    mask = model.predict("Segment the triangle.", video=_frames(2, 4), max_new_tokens=8)
+    predicted = mask["tasks"]["mask"]["masks"][0]
+    target = _disk_mask(4)
+    iou = (predicted & target).sum() / (predicted | target).sum()
+    assert iou > 0.8, iou
+    track = model.predict("Track the object.", video=_frames(3, 4), input_box=INIT[0].tolist(), max_new_tokens=8)
+    torch.testing.assert_close(track["tasks"]["track"]["boxes"], TRACK, atol=0.06, rtol=0)
+
+
+@TASK_HEADS.register_module(force=True)
+class CountingHead(torch.nn.Module):
+    """A user's head written outside the package: predicts a count."""
+
+    task = "count"
+    requires_visual = False
+    input_keys = ()
+
+    def __init__(self, in_dim, scale=1.0):
+        super().__init__()
+        self.proj = torch.nn.Linear(in_dim, 1)
+        self.scale = scale
+
+    def forward(self, query, visual=None, **inputs):
+        return {"count": self.proj(query).squeeze(-1) * self.scale}
+
+    def loss(self, predictions, targets):
+        mse = ((predictions["count"] - targets["count"]) ** 2).mean()
+        return {"mse": mse, "loss": mse}
+
+    def predict(self, query, visual=None, **inputs):
+        return self.forward(query)
+
+
+def test_user_defined_head_plugs_in_through_config():
+    model = build_model(CONFIG, cfg_options={
+        "model.tasks": dict(count=dict(head=dict(type="CountingHead", scale=2.0), annotation="spans"))})
+    proc, tok = model.processor, model.tokenizer
+    m = proc.prepare_media(_frames(0, 1)[0], "image")
+    text = proc.expand_placeholders(proc.chat_prompt("How many?", "image"), [1]) + "".join(task_tokens("count"))
+    enc = tok([text], add_special_tokens=False, return_tensors="pt")
+    out = model(dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, media=[m],
+                     task_targets={"count": {"index": torch.tensor([0]), "count": torch.tensor([3.0])}}))
+    assert "count.mse" in out["losses"] and model.heads["count"].scale == 2.0
+    out["loss"].backward()
+    assert model.task_embeddings["count"].grad is not None
+
+
+def test_bad_input_is_named(model):
+    batch = make_batch(model)
+    with pytest.raises(ValueError, match="no head for"):
+        model(dict(batch, task_targets=dict(batch["task_targets"], ocr={"index": torch.tensor([0])})))
+    with pytest.raises(ValueError, match="index"):
+        model(dict(batch, task_targets=dict(batch["task_targets"], region={"index": torch.tensor([4]), "boxes": BOX})))
+    bad_box = dict(batch["task_targets"], region={"index": torch.tensor([0]), "boxes": torch.tensor([[0.6, 0.2, 0.1, 0.7]])})
+    with pytest.raises(ValueError, match="s0"):
+        model(dict(batch, task_targets=bad_box))
+    proc, tok = model.processor, model.tokenizer
+    text = proc.chat_prompt("Segment it.", None) + "ok" + "".join(task_tokens("mask"))
+    enc = tok([text], add_special_tokens=False, return_tensors="pt")
+    with pytest.raises(ValueError, match=r"sample 'x0'.*no media"):
+        model(dict(input_ids=enc.input_ids, media=[None], ids=["x0"],
+                   task_targets={"mask": {"index": torch.tensor([0]), "masks": _disk_mask(1)[None]}}))
+    with pytest.raises(ValueError, match="input box"):
+        model(dict(batch, input_boxes=None))
+
+
+def test_task_config_errors():
+    cfg = load_config(CONFIG)
+    cfg.model.tasks = dict(region=dict(annotation="boxes"))
+    with pytest.raises(KeyError, match=r"model\.tasks\.region: needs a 'head'"):
+        build_model(cfg)
+    with pytest.raises(ValueError, match=r"tasks\.region\.annotation"):
+        build_model(CONFIG, cfg_options={"model.tasks.region.annotation": "points"})
+
+
+@pytest.mark.parametrize("name", ["openclip_linear_qwen2", "siglip_pool_mistral"])
+def test_every_tpo_config_trains_all_heads(name):
+    torch.manual_seed(0)
+    other = build_model(ROOT / "configs" / "tpo" / f"{name}.py")
+    out = other(make_batch(other))
+    assert {"region.l1", "lm", "assign"} <= set(out["losses"])
+    assert {n.split(".")[0] for n in out["losses"]} >= {"region", "temporal", "mask", "track"}
+    out["loss"].backward()
+    assert other.task_embeddings["mask"].grad is not None
