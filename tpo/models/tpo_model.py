@@ -259,13 +259,15 @@ class TPOModel(MultimodalLLM):
         video=None,
         input_box=None,
         max_new_tokens: int = 32,
+        head_inputs: Mapping[str, Any] | None = None,
         **generate_kwargs: Any,
     ) -> dict[str, Any]:
         """Answer one prompt; when the LLM emits a task's begin token, the task
         embedding is fed at the query token, the head runs on the hidden state
         there, and generation goes on. Returns ``{"text", "tasks": {task:
         result}}``. ``input_box`` (normalised xyxy) is a box prompt, placed at
-        a ``<|box|>`` token after the prompt (tracking)."""
+        a ``<|box|>`` token after the prompt (tracking). ``head_inputs`` are
+        extra inputs for the heads that read them (``output_size`` of masks)."""
         if image is not None and video is not None:
             raise ValueError("give an image or a video, not both")
         kind = "image" if image is not None else "video" if video is not None else None
@@ -303,8 +305,9 @@ class TPOModel(MultimodalLLM):
             head = self.heads[task]
             head_visual = self._visual_for(torch.zeros(1, dtype=torch.long), features, None, task, head)
             head_batch = dict(batch, input_ids=ids, task_targets={task: {"init_boxes": batch.get("input_boxes")}})
-            results[task] = head.predict(hidden[:, -1], visual=head_visual,
-                                         **self._head_inputs(task, head, torch.zeros(1, dtype=torch.long), head_batch))
+            extra = {k: v for k, v in (head_inputs or {}).items() if k in getattr(head, "input_keys", ())}
+            extra.update(self._head_inputs(task, head, torch.zeros(1, dtype=torch.long), head_batch))
+            results[task] = head.predict(hidden[:, -1], visual=head_visual, **extra)
         answer = self.tokenizer.decode(generated, skip_special_tokens=True)
         return {"text": answer, "tasks": results, "token_ids": generated}
 

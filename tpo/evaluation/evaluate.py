@@ -1,0 +1,115 @@
+"""The evaluation loop: a model answers every sample of a dataset, and the
+answers are scored with the metrics the papers report.
+
+A :class:`~tpo.models.tpo_model.TPOModel` answers grounding questions with its
+task heads (when it emits a task token); any other model answers in text, and
+boxes (``[x1, y1, x2, y2]``) and spans (``from a to b``) are read from it, so an
+SFT-only baseline and a TPO model are scored on the same samples.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .metrics import box_iou, mask_iou, qa_correct, span_iou
+
+_NUMBER = r"(-?\d+(?:\.\d+)?)"
+_BOX = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUMBER] * 4) + r"\s*\]")
+_SPAN = re.compile(r"from\s+" + _NUMBER + r"\s+to\s+" + _NUMBER, re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"<image>\n?|<video>\n?")
+
+
+def parse_box(text: str) -> np.ndarray | None:
+    """The first ``[x1, y1, x2, y2]`` in ``text``, or None."""
+    match = _BOX.search(text)
+    return None if match is None else np.array([float(v) for v in match.groups()])
+
+
+def parse_span(text: str) -> np.ndarray | None:
+    """The first ``from a to b`` in ``text``, or None."""
+    match = _SPAN.search(text)
+    return None if match is None else np.array([float(v) for v in match.groups()])
+
+
+def _question(item: dict) -> str:
+    human = next(turn["value"] for turn in item["conversations"] if turn["from"] == "human")
+    return _PLACEHOLDER.sub("", human).strip()
+
+
+@torch.no_grad()
+def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: int | None = None) -> dict[str, Any]:
+    """Score ``model`` on the items of a :class:`~tpo.data.datasets.SampleDataset`.
+
+    Returns ``qa/accuracy``; ``box/acc@0.5`` and ``box/miou`` (the first
+    annotated box of a grounding sample); ``temporal/R@{0.3,0.5,0.7}`` and
+    ``temporal/mIoU``; ``mask/miou`` (mean over annotated frames); the
+    counts of each kind, and ``*/unanswered``: samples whose answer held no
+    box, span or mask (scored as IoU 0).
+    """
+    from tpo.models.tpo_model import TPOModel
+
+    model.eval()
+    is_tpo = isinstance(model, TPOModel)
+    qa, boxes, spans, masks = [], [], [], []
+    unanswered = {"box": 0, "temporal": 0, "mask": 0}
+    for n, item in enumerate(dataset):
+        if limit is not None and n >= limit:
+            break
+        task = (item.get("meta") or {}).get("task")
+        if task not in ("qa", "grounding", "temporal_grounding", "segmentation"):
+            continue
+        kind = "image" if item["media_type"] == "image" else "video"
+        media = {kind: item["media"]}
+        if is_tpo:
+            size = tuple(item["media"].shape[-2:])
+            result = model.predict(_question(item), max_new_tokens=max_new_tokens,
+                                   head_inputs={"output_size": size}, **media)
+            text, heads = result["text"], result["tasks"]
+        else:
+            text, heads = model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
+        meta = item["meta"]
+        if task == "qa":
+            qa.append(qa_correct(text, meta["answer"], meta.get("answer_type", "open"), meta.get("options")))
+        elif task == "grounding" and len(item["boxes"]):
+            pred = heads["region"]["boxes"][0].cpu().numpy() if "region" in heads else parse_box(text)
+            if pred is None or not np.all(np.isfinite(pred)) or pred[2] < pred[0] or pred[3] < pred[1]:
+                unanswered["box"] += 1
+                boxes.append(0.0)
+            else:
+                boxes.append(float(box_iou(pred[None], item["boxes"][:1].numpy())[0]))
+        elif task == "temporal_grounding" and len(item["spans"]):
+            pred = heads["temporal"]["spans"][0].cpu().numpy() if "temporal" in heads else parse_span(text)
+            if pred is None or not np.all(np.isfinite(pred)) or pred[1] < pred[0]:
+                unanswered["temporal"] += 1
+                spans.append(0.0)
+            else:
+                spans.append(float(span_iou(pred[None], item["spans"][:1].numpy())[0]))
+        elif task == "segmentation" and item.get("masks") is not None:
+            target = item["masks"].bool()
+            target = target[None] if target.dim() == 2 else target
+            if "mask" not in heads:
+                unanswered["mask"] += 1
+                masks.append(0.0)
+                continue
+            pred = heads["mask"]["masks"][0].cpu().bool()
+            pred = pred[None] if pred.dim() == 2 else pred
+            valid = item.get("mask_valid")
+            frames = range(target.shape[0]) if valid is None else [t for t in range(target.shape[0]) if valid[t]]
+            masks.append(float(np.mean([mask_iou(pred[min(t, pred.shape[0] - 1)].numpy(), target[t].numpy())
+                                        for t in frames])))
+    spans_arr, boxes_arr = np.array(spans), np.array(boxes)
+    report: dict[str, Any] = {
+        "qa/accuracy": float(np.mean(qa)) if qa else None,
+        "box/acc@0.5": float((boxes_arr >= 0.5).mean()) if boxes else None,
+        "box/miou": float(boxes_arr.mean()) if boxes else None,
+        "temporal/mIoU": float(spans_arr.mean()) if spans else None,
+        "mask/miou": float(np.mean(masks)) if masks else None,
+        "count/qa": len(qa), "count/box": len(boxes), "count/temporal": len(spans), "count/mask": len(masks),
+    }
+    for t in (0.3, 0.5, 0.7):
+        report[f"temporal/R@{t}"] = float((spans_arr >= t).mean()) if spans else None
+    report.update({f"{k}/unanswered": v for k, v in unanswered.items()})
+    return report
