@@ -242,13 +242,29 @@ def _torch_forward(hidden, weight, bias, labels, inv_temp, chunk):
     return lse, label_logit
 
 
-def _torch_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
-    n, h_size = hidden.shape
-    vocab = weight.shape[0]
+def _accumulate_grads(dz, i, j, hidden, weight, grad_h, grad_w, grad_b):
+    """Adds the gradients of rows [i, j) given their dz = d out / d (logits) (fp32/fp64)."""
+    if grad_h is not None:
+        torch.mm(dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype), weight, out=grad_h[i:j])
+    if grad_w is not None:
+        h_chunk = hidden[i:j]
+        grad_w.addmm_(dz.t(), h_chunk if h_chunk.dtype == grad_w.dtype else h_chunk.to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b += dz.sum(0)
+
+
+def _grad_buffers(hidden, weight, needs):
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    vocab, h_size = weight.shape
     grad_h = torch.zeros_like(hidden) if needs[0] else None
     grad_w = torch.zeros(vocab, h_size, dtype=acc_dtype, device=hidden.device) if needs[1] else None
     grad_b = torch.zeros(vocab, dtype=acc_dtype, device=hidden.device) if needs[2] else None
+    return grad_h, grad_w, grad_b
+
+
+def _torch_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
+    n = hidden.shape[0]
+    grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs)
     logits = _ChunkLogits(hidden, weight, bias, inv_temp, chunk)
     on_cpu = hidden.device.type == "cpu"
     for i in range(0, n, chunk):
@@ -256,21 +272,46 @@ def _torch_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk,
         g = gscaled[i:j]
         if on_cpu and not bool(g.any()):  # a zero upstream gradient contributes nothing
             continue
-        dz = logits(i, j)
+        dz = logits(i, j)                       # recomputed logits / T
         dz.sub_(lse[i:j, None]).exp_()          # softmax
         dz.mul_(g[:, None].neg())               # -g/T * p
         dz.scatter_add_(1, labels[i:j, None], g[:, None])  # + g/T at the label
-        h_chunk = hidden[i:j]
-        if grad_h is not None:
-            if dz.dtype == hidden.dtype:
-                torch.mm(dz, weight, out=grad_h[i:j])
-            else:
-                torch.mm(dz.to(hidden.dtype), weight, out=grad_h[i:j])
-        if grad_w is not None:
-            grad_w.addmm_(dz.t(), h_chunk if h_chunk.dtype == acc_dtype else h_chunk.to(acc_dtype))
-        if grad_b is not None:
-            grad_b += dz.sum(0)
+        _accumulate_grads(dz, i, j, hidden, weight, grad_h, grad_w, grad_b)
     return grad_h, grad_w, grad_b
+
+
+def torch_logprob_grad_pass(hidden, weight, bias, labels, inv_temp, bounds, row_grad, needs):
+    """Forward and backward in one pass, for when the upstream gradient is known as soon
+    as the log-probs are: for each row range ``[i, j)`` of ``bounds`` (which may be empty),
+    the logits of those rows (one reused ``[rows, V]`` buffer), their per-token log-probs,
+    ``row_grad(k, token_logps[i:j]) -> [j - i]`` the gradient of the final output with
+    respect to each of them, then ``dz = g * (onehot - softmax) / T`` and the gradients of
+    ``hidden``, ``weight``, ``bias`` (those ``needs`` asks for). Three matmuls per row where
+    forward + recomputing backward take four. Returns
+    ``(token_logps, grad_hidden, grad_weight_fp32, grad_bias_fp32)``; runs without autograd."""
+    n = hidden.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    token = torch.zeros(n, dtype=acc_dtype, device=hidden.device)
+    grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs)
+    rows = max((j - i for i, j in bounds), default=0)
+    logits = _ChunkLogits(hidden, weight, bias, inv_temp, max(rows, 1)) if rows else None
+    for k, (i, j) in enumerate(bounds):
+        if j == i:
+            row_grad(k, token[i:j])
+            continue
+        z = logits(i, j)
+        label_logit = z.gather(1, labels[i:j, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        z.sub_(m).exp_()
+        total = z.sum(1)
+        token[i:j] = label_logit - m.squeeze(1) - total.log()
+        g = row_grad(k, token[i:j]).to(acc_dtype) * inv_temp
+        if not any(needs):
+            continue
+        z.mul_((g / total).neg_()[:, None])     # -g/T * p
+        z.scatter_add_(1, labels[i:j, None], g[:, None])
+        _accumulate_grads(z, i, j, hidden, weight, grad_h, grad_w, grad_b)
+    return token, grad_h, grad_w, grad_b
 
 
 # --------------------------------------------------------------------------------------
@@ -541,6 +582,47 @@ class _FusedLinearLogProbFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+class PrecomputedGradFunction(torch.autograd.Function):
+    """Returns ``value``; its backward hands ``hidden``, ``weight``, ``bias`` the gradients
+    computed together with it, times the upstream gradient (for forward passes that already
+    know the gradient of their scalar output, as Liger's fused losses do)."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, grad_h, grad_w, grad_b):
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return value.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if grad is None:
+                grads.append(None)
+                continue
+            scaled = grad if bool(grad_out == 1) else grad * grad_out.to(grad.dtype)
+            grads.append(scaled.to(dtype))
+        return (None, *grads, None, None, None)
+
+
+def _torch_logprob_sum(hidden, weight, bias, labels, inv_temp, chunk):
+    """Sum of the per-token log-probs, a scalar, with its gradients computed in the same pass."""
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled():
+        needs = (False, False, False)
+    n = hidden.shape[0]
+    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    with torch.no_grad():
+        token, grad_h, grad_w, grad_b = torch_logprob_grad_pass(
+            hidden, weight, bias, labels, inv_temp, bounds, lambda k, t: torch.ones_like(t), needs
+        )
+        value = token.sum()
+    if not any(needs):
+        return value
+    return PrecomputedGradFunction.apply(value, hidden, weight, bias, grad_h, grad_w, grad_b)
+
+
 class _nullcontext:
     def __enter__(self):
         return None
@@ -603,6 +685,14 @@ def fused_linear_logprob(
         rows_hidden, rows_labels = flat_hidden.index_select(0, index), flat_labels.index_select(0, index)
     if backend == "triton" or rows_hidden.stride(-1) != 1:
         rows_hidden = rows_hidden.contiguous()
+    if backend == "torch" and hidden.dim() == 2 and reduction != "none":
+        # One scalar out: its upstream gradient is known up to a factor, so the gradients are
+        # computed in the forward pass (3 matmuls instead of forward + recomputing backward's 4).
+        total = _torch_logprob_sum(rows_hidden, weight, bias, rows_labels.contiguous(), inv_temp, chunk)
+        counts = valid.sum()
+        if reduction == "mean":
+            total = total / counts.clamp(min=1).to(total.dtype)
+        return LogProbs(total, counts)
     rows_logps = _FusedLinearLogProbFunction.apply(
         rows_hidden, weight, bias, rows_labels.contiguous(), inv_temp, backend, chunk
     )

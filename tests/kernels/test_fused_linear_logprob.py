@@ -186,6 +186,24 @@ def test_saves_no_logits_for_backward(backend):
     assert hidden.grad is not None and weight.grad is not None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_scalar_without_grad_and_with_frozen_head(backend):
+    """[N, H] input with sum/mean is one scalar: the torch backend computes its gradients in
+    the forward pass. Under no_grad nothing is kept; a frozen head gets no gradient."""
+    hidden, weight, b, labels = _problem((23,), hidden_size=19, vocab=41, seed=9)
+    ref = reference_linear_logprob(hidden.double(), weight.double(), labels, b.double(), reduction="mean").logps
+    with torch.no_grad():
+        out = fused_linear_logprob(hidden.requires_grad_(True), weight, labels, b, reduction="mean", backend=backend)
+    assert out.logps.grad_fn is None
+    torch.testing.assert_close(out.logps.double(), ref, rtol=0, atol=1e-5)
+    out = fused_linear_logprob(hidden, weight, labels, b, reduction="mean", backend=backend)
+    (3.0 * out.logps).backward()
+    ref_h = hidden.detach().double().requires_grad_(True)
+    (3.0 * reference_linear_logprob(ref_h, weight.double(), labels, b.double(), reduction="mean").logps).backward()
+    torch.testing.assert_close(hidden.grad.double(), ref_h.grad, rtol=0, atol=1e-5)
+    assert weight.grad is None and b.grad is None
+
+
 def test_auto_picks_torch_on_cpu():
     hidden = torch.zeros(2, 3)
     assert _resolve_backend("auto", hidden) == "torch"

@@ -12,6 +12,8 @@ from tpo.kernels.fused_linear_logprob import reference_linear_logprob
 from tpo.registry import build_loss
 
 BACKENDS = ["torch", "triton"]
+# (backend, strategy): pairwise runs on the torch backend; recompute on both
+PATHS = [("torch", "pairwise"), ("torch", "recompute"), ("triton", "recompute")]
 TRL_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
 
@@ -56,15 +58,15 @@ def _assert_bounded(name, fused, eager, ref, factor=4.0):
     assert err_f <= factor * err_e + floor, f"{name}: fused error {err_f:.3e} vs eager fp32 error {err_e:.3e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dpo_with_reference_model_matches_float64(backend):
+@pytest.mark.parametrize("backend,strategy", PATHS)
+def test_dpo_with_reference_model_matches_float64(backend, strategy):
     hidden, ref_hidden, weight, ref_weight, bias, labels = _problem()
     beta = 0.7
 
     h, w, b = _leaves(hidden, weight, bias)
     loss, metrics = fused_linear_preference_loss(
         h, w, labels, b, loss=dict(type="DPOLoss", beta=beta), ref_hidden=ref_hidden, ref_weight=ref_weight,
-        backend=backend,
+        backend=backend, strategy=strategy,
     )
     loss.backward()
 
@@ -91,8 +93,8 @@ def test_dpo_with_reference_model_matches_float64(backend):
     torch.testing.assert_close(metrics["logits/chosen"].double(), logits[:3][mask].mean(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_separate_layouts_and_precomputed_reference(backend):
+@pytest.mark.parametrize("backend,strategy", PATHS)
+def test_separate_layouts_and_precomputed_reference(backend, strategy):
     hidden, ref_hidden, weight, ref_weight, bias, labels = _problem(pairs=2, T=8, seed=1)
     rej_hidden = hidden[2:, :6].contiguous()  # rejected completions are shorter
     rej_labels = labels[2:, :6].contiguous()
@@ -103,7 +105,7 @@ def test_separate_layouts_and_precomputed_reference(backend):
     loss, _ = fused_linear_preference_loss(
         h_c, w, labels[:2], rejected_hidden=h_r, rejected_labels=rej_labels,
         ref_chosen_logps=ref_c.float(), ref_rejected_logps=ref_r.float(),
-        loss=dict(type="DPOLoss", loss_type="ipo", beta=0.5), backend=backend,
+        loss=dict(type="DPOLoss", loss_type="ipo", beta=0.5), backend=backend, strategy=strategy,
     )
     loss.backward()
 
@@ -133,6 +135,7 @@ def test_separate_layouts_and_precomputed_reference(backend):
 )
 def test_any_registered_loss_gets_the_right_logps_and_lengths(loss_cfg):
     hidden, ref_hidden, weight, ref_weight, bias, labels = _problem(seed=2)
+    labels[1, :] = -100  # a chosen completion with no tokens at all
     h, w = _leaves(hidden, weight)
     loss, metrics = fused_linear_preference_loss(h, w, labels, bias, loss=loss_cfg, ref_hidden=ref_hidden,
                                                  ref_weight=ref_weight, backend="torch")
@@ -150,6 +153,53 @@ def test_any_registered_loss_gets_the_right_logps_and_lengths(loss_cfg):
     torch.testing.assert_close(w.grad.double(), we.grad, rtol=1e-4, atol=1e-6)
     for key in out:
         assert key in metrics
+
+
+def test_strategies_agree_and_auto_picks_by_loss_and_memory(monkeypatch):
+    import tpo.kernels.fused_linear_preference as module
+
+    hidden, ref_hidden, weight, ref_weight, bias, labels = _problem(seed=6)
+    calls = []
+    original = module.torch_logprob_grad_pass
+    monkeypatch.setattr(module, "torch_logprob_grad_pass", lambda *a, **k: calls.append(1) or original(*a, **k))
+    results = {}
+    for strategy in ("pairwise", "recompute", "auto"):
+        h, w, b = _leaves(hidden, weight, bias)
+        loss, metrics = fused_linear_preference_loss(h, w, labels, b, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                                     backend="torch", strategy=strategy)
+        loss.backward()
+        results[strategy] = (loss, h.grad, w.grad, b.grad, metrics)
+    assert len(calls) == 2  # pairwise, and auto for a separable loss on the torch backend
+    for a, b in zip(results["pairwise"][:4], results["recompute"][:4]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert set(results["pairwise"][4]) == set(results["recompute"][4])
+    calls.clear()
+    fused_linear_preference_loss(hidden, weight, labels, loss=dict(type="DPOLoss", loss_type="aot"),
+                                 ref_hidden=ref_hidden, backend="torch")
+    assert not calls  # aot sorts across the batch: not pair-separable
+    monkeypatch.setattr(module, "_PAIR_MAX_ELEMENTS", 10)
+    fused_linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, backend="torch")
+    assert not calls  # one pair's logits would exceed the cap: recompute instead
+    with pytest.raises(ValueError, match="needs a pair-separable loss"):
+        fused_linear_preference_loss(hidden, weight, labels, loss=dict(type="ORPOLoss"), strategy="pairwise")
+
+
+def test_pairwise_detects_a_loss_that_is_not_separable():
+    from tpo.losses.preference import DPOLoss
+
+    class MislabelledAOT(DPOLoss):  # sorts across the batch, yet claims pair separability
+        pair_separable = True
+
+    hidden, _, weight, _, _, labels = _problem(seed=7)
+    policy = reference_linear_logprob(hidden, weight, labels).logps
+    margins = policy[:3] - policy[3:]
+    # reference margins ranked opposite to the policy's, so sorting re-pairs them
+    ref_margins = torch.empty(3)
+    ref_margins[margins.argsort()] = torch.tensor([30.0, 0.0, -30.0])
+    with pytest.raises(RuntimeError, match="says it is pair-separable"):
+        fused_linear_preference_loss(hidden.requires_grad_(True), weight, labels, ref_chosen_logps=ref_margins,
+                                     ref_rejected_logps=torch.zeros(3), loss=MislabelledAOT(loss_type="aot", beta=0.1),
+                                     strategy="pairwise")
 
 
 def test_reference_gets_no_gradient_and_defaults_to_the_policy_head():

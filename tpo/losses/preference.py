@@ -75,6 +75,9 @@ DPO_LOSS_TYPES = (
 )
 _DPO_ALIASES = {"aot_pair": "aot_unpaired"}
 _NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "sft"}
+# Loss types whose batch loss is the mean over pairs of a function of each pair alone.
+_PAIR_SEPARABLE = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "apo_zero", "apo_down",
+                   "discopop", "sigmoid_norm"}
 
 
 # --------------------------------------------------------------------------- #
@@ -135,7 +138,9 @@ def _smoothed_sigmoid(x: Tensor, label_smoothing: float) -> Tensor:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2."""
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2. ``x`` is capped at -1e-7
+    (a mean log-prob of 0, as of an empty completion, would give log 0)."""
+    x = x.clamp(max=-1e-7)
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -144,6 +149,10 @@ class PreferenceLoss(nn.Module):
 
     #: whether the loss reads the reference log-probs (the fused kernel computes them only then)
     needs_reference: bool = True
+    #: whether the batch loss is the mean over pairs of a function of each pair alone (no
+    #: sorting, running statistics or batch-wide normalisers): the fused kernel can then
+    #: compute each pair's gradient as soon as that pair's log-probs are known
+    pair_separable: bool = False
 
     def _owner(self) -> str:
         return type(self).__name__
@@ -242,6 +251,10 @@ class DPOLoss(PreferenceLoss):
         # bco_pair's running mean of the batch-mean rewards (TRL's RunningMoments mean).
         self.register_buffer("bco_running_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("bco_running_count", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def pair_separable(self) -> bool:
+        return all(t in _PAIR_SEPARABLE for t in self.loss_types) and not self.rpo_alpha
 
     def extra_repr(self) -> str:
         types = self.loss_types[0] if len(self.loss_types) == 1 else self.loss_types
@@ -364,6 +377,10 @@ class SimPOLoss(PreferenceLoss):
         self.label_smoothing = _in_range(label_smoothing, "label_smoothing", 0.0, 0.5)
         self.sft_weight = _in_range(sft_weight, "sft_weight", 0.0, float("inf"))
 
+    @property
+    def pair_separable(self) -> bool:
+        return not self.sft_weight  # the NLL term is normalised by the batch's chosen tokens
+
     def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                 chosen_lengths=None, rejected_lengths=None, kl_logps=None, ref_kl_logps=None):
         owner = self._owner()
@@ -402,6 +419,10 @@ class CPOLoss(PreferenceLoss):
         self.label_smoothing = _in_range(label_smoothing, "label_smoothing", 0.0, 0.5)
         self.cpo_alpha = _in_range(cpo_alpha, "cpo_alpha", 0.0, float("inf"))
         self.simpo_gamma = _in_range(simpo_gamma, "simpo_gamma", 0.0, float("inf"))
+
+    @property
+    def pair_separable(self) -> bool:
+        return not self.cpo_alpha  # the NLL term is normalised by the batch's chosen tokens
 
     def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                 chosen_lengths=None, rejected_lengths=None, kl_logps=None, ref_kl_logps=None):
@@ -580,6 +601,10 @@ class CombinedPreferenceLoss(PreferenceLoss):
             raise ValueError(f"{current_config_key('names')}: give {len(modules)} distinct names, got {list(names)}")
         self.names = list(names)
         self.needs_reference = any(m.needs_reference for m in modules)
+
+    @property
+    def pair_separable(self) -> bool:
+        return all(part.pair_separable for part in self.parts)
 
     def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                 chosen_lengths=None, rejected_lengths=None, kl_logps=None, ref_kl_logps=None):
