@@ -20,19 +20,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+# The token names are the collators' contract (tpo.data.collate).
+from tpo.data.collate import ANNOTATIONS, BOX_TOKEN, task_tokens
+from tpo.data.collate import DEFAULT_TASKS as DEFAULT_ANNOTATIONS
 from tpo.registry import MODELS, TASK_HEADS, build_child, current_config_key
 
 from .mllm import IGNORE_INDEX, MultimodalLLM
-
-BOX_TOKEN = "<|box|>"
-# Which sample annotation feeds a task, by the task's usual name.
-DEFAULT_ANNOTATIONS = {"region": "boxes", "temporal": "spans", "mask": "masks", "track": "tracks"}
-ANNOTATIONS = ("boxes", "spans", "masks", "tracks")
-
-
-def task_tokens(task: str) -> tuple[str, str]:
-    """The begin and query tokens of ``task``."""
-    return f"<|{task}|>", f"<|{task}_query|>"
 
 
 @MODELS.register_module()
