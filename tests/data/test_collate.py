@@ -514,3 +514,21 @@ def test_build_collator_from_a_config(model):
         build_collator({"type": "Collator"}, model.processor)
     with pytest.raises(ValueError, match=r"padding_side"):
         build_collator({"type": "PreferenceCollator", "padding_side": "middle"}, model.processor)
+
+
+def test_task_tokens_at_the_start_of_the_answer(model, items):
+    tok = tok_of(model)
+    item = next(i for i in items if i["meta"].get("task") == "grounding")
+    start = ConversationCollator(model.processor, tasks=TASKS, task_token_position="start")([item])
+    end = ConversationCollator(model.processor, tasks=TASKS)([item])
+    begin_id, query_id = tok.convert_tokens_to_ids(["<|region|>", "<|region_query|>"])
+    for batch in (start, end):
+        row = batch["input_ids"][0].tolist()
+        assert row.count(begin_id) == 1 and row.index(query_id) == row.index(begin_id) + 1
+        assert batch["labels"][0, row.index(begin_id)] == begin_id
+        assert batch["labels"][0, row.index(query_id)] == -100
+    labelled = [t for t in start["labels"][0].tolist() if t != -100]
+    assert labelled[0] == begin_id  # the first thing the model answers is the task token
+    assert [t for t in end["labels"][0].tolist() if t != -100][0] != begin_id
+    with pytest.raises(ValueError, match="task_token_position"):
+        ConversationCollator(model.processor, tasks=TASKS, task_token_position="middle")

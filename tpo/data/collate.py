@@ -417,6 +417,9 @@ class ConversationCollator(_ChatCollator):
         strict_tasks: an item with an annotation no configured task reads is
             an error (by default it is a plain conversation sample).
         pad_to_multiple_of: pad the length up to a multiple of this.
+        task_token_position: ``"end"`` (after the answer's text) or ``"start"``
+            (before it: the model emits the task token first, and the head's
+            result is there before any text is generated).
 
     Returns a dict:
 
@@ -458,8 +461,12 @@ class ConversationCollator(_ChatCollator):
         system_prompt: str | None = None,
         strict_tasks: bool = False,
         pad_to_multiple_of: int | None = None,
+        task_token_position: str = "end",
     ):
         super().__init__(processor, max_length, padding_side, system_prompt, pad_to_multiple_of)
+        if task_token_position not in ("end", "start"):
+            raise ValueError(f"collator.task_token_position: use 'end' or 'start', got {task_token_position!r}")
+        self.task_token_position = task_token_position
         self.tasks = normalize_tasks(tasks)
         self.strict_tasks = bool(strict_tasks)
         for name in self.tasks:
@@ -594,12 +601,18 @@ class ConversationCollator(_ChatCollator):
                 "tasks": tasks, "found": found}
 
     def _with_tasks(self, messages: list[dict], tasks: list[str]) -> list[dict]:
-        """``messages`` with the task tokens at the end of the last assistant turn."""
+        """``messages`` with the task tokens at the end (or, with
+        ``task_token_position="start"``, at the start) of the last assistant turn."""
         if not tasks:
             return messages
-        suffix = "".join(f" {begin}{query}" for begin, query in map(task_tokens, tasks))
+        tokens = ["".join(pair) for pair in map(task_tokens, tasks)]
         out = list(messages)
-        out[-1] = dict(out[-1], content=out[-1]["content"] + suffix)
+        content = out[-1]["content"]
+        if self.task_token_position == "start":
+            content = " ".join(tokens) + " " + content
+        else:
+            content = content + "".join(f" {t}" for t in tokens)
+        out[-1] = dict(out[-1], content=content)
         return out
 
     def _fit(self, p: dict[str, Any], segments: list[_Segment]) -> tuple[list[_Segment], int, int]:
