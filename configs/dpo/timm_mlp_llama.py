@@ -1,0 +1,23 @@
+# DPO of the timm_mlp_llama composition on the synthetic benchmark's preference pairs (chosen: the
+# correct answer, rejected: a wrong one), with TRL's sigmoid loss through the fused preference kernel.
+#   tpo data synth --out work_dirs/synth --num 64 --seed 0
+#   tpo train configs/sft/timm_mlp_llama.py                       # optional: SFT first, then
+#   tpo train configs/dpo/timm_mlp_llama.py --cfg-options load_from=work_dirs/sft_timm_mlp_llama/checkpoints/step_00000200
+# Other losses: algorithm.loss=dict(type="DPOLoss", loss_type="ipo") / dict(type="SimPOLoss") (reference-free).
+# Reference: "copy" (a frozen copy), "adapter" (LoRA models: adapters disabled), "precomputed" (log-probs
+# computed once, cached in the work dir).
+_base_ = [
+    "../mllm/timm_mlp_llama.py",
+    "../_base_/data/synth_preference.py",
+    "../_base_/schedules/tiny_cpu.py",
+]
+work_dir = "work_dirs/dpo_timm_mlp_llama"
+load_from = None
+algorithm = dict(
+    type="DPO",
+    loss=dict(type="DPOLoss", loss_type="sigmoid", beta=0.1),
+    reference="copy",
+    logprob="fused",
+)
+optim = dict(lr=5e-4, param_groups=dict(projector=dict(lr=1e-3)))
+evaluation = dict(interval=50, metrics=[dict(type="PairwiseAccuracy")], batch_size=8, at_end=True)

@@ -1,0 +1,213 @@
+"""Checkpoints: written atomically, the last K kept, found again on resume.
+
+A checkpoint is a folder ``<work_dir>/checkpoints/step_<step>`` holding
+accelerate's state (``Accelerator.save_state``: optimiser, registered objects
+such as the scheduler, the gradient scaler, the RNG states of every process
+and accelerate's step counter; FSDP/DeepSpeed shards in their own formats),
+the model's weights as ``model.safetensors`` under the model's own parameter
+names (what ``tpo chat --checkpoint`` and ``load_from`` read), the
+algorithm's other state (``algorithm_state.pt``: a loss's running
+statistics, ...), and ``trainer_state.json`` (step, epoch, position in the
+epoch, ...).
+
+Atomicity: everything is written into ``.tmp-step_<step>``, every file and the
+folder are fsynced, and only then is the folder renamed to ``step_<step>`` (a
+rename within one folder is atomic on POSIX file systems). A crash before the
+rename leaves a ``.tmp-*`` folder that is never read and is deleted by the
+next save; the previous checkpoints stay intact. Old checkpoints are pruned
+only after the new one is in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+ALGORITHM_STATE_FILE = "algorithm_state.pt"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _NAME.match(path.name)
+        if m and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under ``path``, then every folder (deepest first)."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(folder)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically: a temporary file, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_partial(root: str | os.PathLike) -> None:
+    """Delete the ``.tmp-*`` folders that interrupted saves left behind."""
+    root = Path(root)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".tmp-") or path.name.startswith(".old-"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: str | os.PathLike, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns the deleted."""
+    if not keep_last:
+        return []
+    found = list_checkpoints(root)
+    stale = [path for _, path in found[: max(0, len(found) - keep_last)]]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
+def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict[str, Any],
+                    keep_last: int | None = None) -> Path:
+    """Save the whole training state for ``step`` atomically; every process
+    calls this. Returns the checkpoint folder."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / STATE_FILE, state)
+        fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a resumed run re-saving): swap it out
+            old = root / f".old-{checkpoint_name(step)}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(root)
+        prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a complete checkpoint: it has no {STATE_FILE} (a checkpoint folder is "
+            "<work_dir>/checkpoints/step_<N>, written by `tpo train`)"
+        )
+    with open(state_file, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, Any]:
+    """Restore model, optimiser, scheduler, scaler and RNG states from ``path``;
+    returns its trainer state."""
+    state = read_state(path)
+    accelerator.load_state(str(path))
+    return state
+
+
+def register_model_hooks(accelerator, algorithm: nn.Module) -> None:
+    """Make ``save_state``/``load_state`` write and read ``algorithm.model``'s
+    weights as ``model.safetensors`` under the model's own names (plus the
+    algorithm's other state in ``algorithm_state.pt``), rather than under the
+    algorithm's ``model.`` prefix. FSDP and DeepSpeed keep their own formats."""
+
+    def owns(wrapped) -> bool:
+        return accelerator.unwrap_model(wrapped) is algorithm
+
+    def save_hook(models, weights, output_dir):
+        if len(weights) != len(models):  # FSDP / DeepSpeed: saved their own way
+            return
+        for i in reversed(range(len(models))):
+            if not owns(models[i]):
+                continue
+            if accelerator.is_main_process:
+                from safetensors.torch import save_model
+
+                save_model(algorithm.model, os.path.join(output_dir, MODEL_FILE))
+                extra = {k: v for k, v in algorithm.state_dict().items() if not k.startswith("model.")}
+                torch.save(extra, os.path.join(output_dir, ALGORITHM_STATE_FILE))
+            weights.pop(i)
+
+    def load_hook(models, input_dir):
+        for m in list(models):
+            if not owns(m):
+                continue
+            load_model_state(algorithm, input_dir)
+            models.remove(m)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_model_state(algorithm: nn.Module, folder: str | os.PathLike) -> None:
+    """Load ``model.safetensors`` (strictly) and ``algorithm_state.pt`` of a
+    checkpoint folder into ``algorithm`` (and its ``model``)."""
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    device = next(algorithm.model.parameters()).device
+    missing, unexpected = load_model(algorithm.model, str(folder / MODEL_FILE), strict=False, device=str(device))
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint {str(folder)!r} does not fit the model: missing {sorted(missing)[:8]}, unexpected "
+            f"{sorted(unexpected)[:8]}; was it written with the same model config?"
+        )
+    extra_file = folder / ALGORITHM_STATE_FILE
+    if extra_file.is_file():
+        extra = torch.load(extra_file, map_location=device, weights_only=True)
+        _, unexpected = algorithm.load_state_dict(extra, strict=False)
+        if unexpected:
+            raise KeyError(f"checkpoint {str(folder)!r}: algorithm state {sorted(unexpected)[:8]} fits no buffer")

@@ -1,0 +1,469 @@
+"""The training loop on accelerate.
+
+Read :meth:`Trainer.fit` top to bottom: build (data first, then the model and
+the algorithm), prepare with accelerate, maybe resume, then for each
+optimiser step: take this process's micro-batches, run the algorithm's step
+on each (gradients accumulated, normalised by the items of the whole global
+batch), stop on a non-finite loss, clip, step, log, evaluate, checkpoint.
+
+DDP, FSDP and DeepSpeed come from accelerate's own launch configs
+(``accelerate launch --config_file ...``) or ``torchrun``; mixed precision from
+``train.mixed_precision`` (or the launcher).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tpo.registry import build_algorithm, build_dataset, build_metric, build_model, load_config
+
+from . import checkpoint as ckpt
+from .config import validate
+from .logger import MetricLogger, Progress
+from .optim import build_optimizer, build_scheduler, group_learning_rates
+from .report import write_report
+from .sampler import EvalSampler, StepBatchSampler
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step, the
+    samples of the batch and the last good checkpoint."""
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block (evaluation) without disturbing the training's random
+    streams (python, numpy, torch CPU and CUDA)."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def _scalar_metrics(out: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() for k, v in out.items()
+            if torch.is_tensor(v) and v.dim() == 0 and k != "loss"}
+
+
+def _dataset_signature(dataset) -> list:
+    """Length and sample ids of a dataset, where they are cheap to get."""
+    if dataset is None:
+        return []
+    ids = None
+    if isinstance(dataset, (list, tuple)):
+        ids = [item.get("id") if isinstance(item, Mapping) else None for item in dataset]
+    elif hasattr(dataset, "samples"):
+        ids = [getattr(sample, "id", None) for sample in dataset.samples]
+    return [type(dataset).__name__, len(dataset), hashlib.sha256(repr(ids).encode()).hexdigest()]
+
+
+def _fingerprint(cfg: Mapping[str, Any], train_ds, val_ds) -> str:
+    """What determines the initial model and the data (for caches such as
+    precomputed reference log-probs)."""
+    keyed = {k: cfg.get(k) for k in ("model", "load_from")}
+    keyed["data"] = cfg["data"]
+    keyed["seed"] = cfg["train"]["seed"]
+    keyed["datasets"] = [_dataset_signature(train_ds), _dataset_signature(val_ds)]
+    for split in ("train", "val"):
+        spec = cfg["data"].get(split) or {}
+        path = spec.get("ann_file")
+        if path and os.path.isfile(path):
+            stat = os.stat(path)
+            keyed[f"{split}_file"] = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Trainer:
+    """Trains ``algorithm(model)`` on ``data`` as a config says.
+
+    Args:
+        cfg: a config (dict, mmengine Config, or file path); checked in full
+            before anything is built (see :mod:`tpo.engine.config`).
+        cfg_options: dotted overrides (``--cfg-options``).
+        work_dir: overrides ``cfg.work_dir``.
+        resume: ``True`` resumes from the latest checkpoint of the work dir, a
+            path from that checkpoint; an error when there is none.
+        model, train_dataset, val_dataset, collate_fn: ready-made parts used
+            instead of building them from the config (tests, notebooks).
+    """
+
+    def __init__(self, cfg, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None,
+                 resume: bool | str | os.PathLike = False, *, model=None, train_dataset=None, val_dataset=None,
+                 collate_fn: Callable | None = None):
+        source = cfg if isinstance(cfg, (str, os.PathLike)) else None
+        loaded = load_config(cfg, cfg_options)
+        self.cfg = validate(loaded, source=source, cfg_options=cfg_options, datasets_given=train_dataset is not None,
+                            collate_given=collate_fn is not None)
+        if work_dir is not None:
+            self.cfg["work_dir"] = str(work_dir)
+        self.work_dir = Path(self.cfg["work_dir"])
+        self.resume = resume
+        self.model, self.train_dataset, self.val_dataset = model, train_dataset, val_dataset
+        self.collate_fn = collate_fn
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ build
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        train = self.cfg["train"]
+        # without any accelerator device, say so: accelerate then runs torchrun's processes as MULTI_CPU (gloo)
+        has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        no_device = not has_device
+        kwargs = dict(cpu=train["cpu"] or no_device,
+                      kwargs_handlers=[DistributedDataParallelKwargs(
+                          find_unused_parameters=train["find_unused_parameters"])])
+        if train["mixed_precision"] is not None:
+            kwargs["mixed_precision"] = train["mixed_precision"]
+        if not torch.distributed.is_initialized():
+            # one process: let a second run in this process (a notebook, tests) choose its own settings
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+        return Accelerator(**kwargs)
+
+    def _batch_geometry(self, world: int) -> tuple[int, int]:
+        """(micro-batch size per process, accumulation steps)."""
+        train = self.cfg["train"]
+        batch = train["batch_size"]
+        micro = train["micro_batch_size"] or max(1, batch // world)
+        if batch % (micro * world):
+            raise ValueError(
+                f"train.batch_size: {batch} samples per step must be a multiple of train.micro_batch_size "
+                f"({micro}) x processes ({world}); change either, e.g. train.micro_batch_size="
+                f"{max(1, batch // world) if batch % world == 0 else 1}"
+            )
+        return micro, batch // (micro * world)
+
+    def _datasets(self):
+        data = self.cfg["data"]
+        train = self.train_dataset if self.train_dataset is not None else build_dataset(data["train"])
+        val = self.val_dataset
+        if val is None and data["val"] is not None:
+            val = build_dataset(data["val"])
+        return train, val
+
+    def _resume_path(self) -> Path | None:
+        if not self.resume:
+            return None
+        if self.resume is True or self.resume == "auto":
+            path = ckpt.latest_checkpoint(self.work_dir / "checkpoints")
+            if path is None:
+                raise FileNotFoundError(
+                    f"--resume: no checkpoint in {str(self.work_dir / 'checkpoints')!r}; start without --resume, or "
+                    "give --work-dir of the run to continue"
+                )
+            return path
+        path = Path(self.resume)
+        ckpt.read_state(path)  # a complete checkpoint, or a clear error
+        return path
+
+    # -------------------------------------------------------------------- fit
+    def fit(self) -> dict[str, Any]:
+        """Train; returns the final report (also in ``<work_dir>/report.json``)."""
+        from accelerate.utils import DistributedType, set_seed
+
+        cfg, train = self.cfg, self.cfg["train"]
+        acc = self._accelerator()
+        self.accelerator = acc
+        world, rank = acc.num_processes, acc.process_index
+        micro, accum = self._batch_geometry(world)
+        acc.gradient_accumulation_steps = accum
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = micro
+            ds["gradient_accumulation_steps"] = accum
+        seed = train["seed"]
+
+        # data first: its errors come before any model is built
+        train_ds, val_ds = self._datasets()
+        steps_per_epoch = len(train_ds) // train["batch_size"]
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size: {train['batch_size']} is larger than the training set ({len(train_ds)} samples "
+                f"of data.train); lower it or add data"
+            )
+        total = train["max_steps"] or train["max_epochs"] * steps_per_epoch
+        resume_path = self._resume_path()
+
+        # model and algorithm (the same seed on every process: the same initial weights)
+        set_seed(seed)
+        model = self.model if self.model is not None else build_model(cfg["model"])
+        if cfg["load_from"]:
+            from tpo.models.utils import load_model_weights
+
+            load_model_weights(model, cfg["load_from"])
+        algo = build_algorithm(cfg["algorithm"], default_args={"model": model})
+        collate = self.collate_fn or algo.build_collator(**cfg["data"]["collator"])
+        eval_bs = cfg["evaluation"]["batch_size"] or micro
+        from tpo.algorithms.base import SetupContext
+
+        algo.to(acc.device)
+        with acc.autocast():
+            algo.setup(SetupContext(accelerator=acc, work_dir=str(self.work_dir), train_dataset=train_ds,
+                                    val_dataset=val_ds, collate_fn=collate, batch_size=eval_bs,
+                                    fingerprint=_fingerprint(cfg, train_ds, val_ds)))
+        groups = algo.param_groups(cfg["optim"])
+        optimizer = build_optimizer(groups, cfg["optim"])
+        scheduler = build_scheduler(optimizer, cfg["schedule"], total)
+        metrics = [build_metric(m) for m in cfg["evaluation"]["metrics"]]
+
+        wrapped, optimizer = acc.prepare(algo, optimizer)
+        acc.register_for_checkpointing(scheduler)
+        ckpt.register_model_hooks(acc, algo)
+        ckpt_root = self.work_dir / "checkpoints"
+
+        step, epoch, step_in_epoch = 0, 0, 0
+        if resume_path is not None:
+            state = ckpt.load_checkpoint(acc, resume_path)
+            if state["global_batch_size"] != train["batch_size"]:
+                raise ValueError(
+                    f"train.batch_size: {train['batch_size']}, but the checkpoint {str(resume_path)!r} was trained "
+                    f"with {state['global_batch_size']}; resuming needs the same global batch"
+                )
+            step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+            # the rates of the next step under this run's schedule (max_steps may have grown since the save)
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        last_ckpt = str(resume_path) if resume_path is not None else None
+
+        main = acc.is_main_process
+        if main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(ckpt_root)
+            ckpt.write_json(self.work_dir / CONFIG_FILE, {k: v for k, v in cfg.items()})
+        logger = MetricLogger(self.work_dir, enabled=main, resume_step=step if resume_path else None,
+                              tensorboard=train["tensorboard"])
+        progress = Progress(total, initial=step, enabled=main and train["progress_bar"])
+        if main:
+            progress.write(self._summary(algo, groups, world, micro, accum, total, steps_per_epoch, resume_path))
+
+        sampler = StepBatchSampler(len(train_ds), micro, accum, world, rank, seed)
+        ckpt_cfg, eval_cfg = cfg["checkpoint"], cfg["evaluation"]
+        started, start_step = time.time(), step
+        last_eval = last_save = None
+
+        def save(at: int) -> str:
+            state = {"step": at, "epoch": epoch, "step_in_epoch": step_in_epoch, "total_steps": total,
+                     "steps_per_epoch": steps_per_epoch, "global_batch_size": train["batch_size"],
+                     "micro_batch_size": micro, "grad_accum": accum, "num_processes": world, "seed": seed,
+                     "samples_seen": at * train["batch_size"], "time": time.time()}
+            return str(ckpt.save_checkpoint(acc, ckpt_root, at, state, ckpt_cfg["keep_last"]))
+
+        try:
+            while step < total:
+                sampler.set_epoch(epoch, step_in_epoch)
+                loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
+                                    num_workers=cfg["data"]["num_workers"],
+                                    generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+                batches = iter(loader)
+                while step_in_epoch < steps_per_epoch and step < total:
+                    tic = time.perf_counter()
+                    micro_batches = [next(batches) for _ in range(accum)]
+                    algo.on_step(step, total)
+                    record = self._train_step(acc, wrapped, algo, optimizer, scheduler, micro_batches,
+                                              step, epoch, last_ckpt)
+                    step += 1
+                    step_in_epoch += 1
+                    end_of_epoch = step_in_epoch == steps_per_epoch
+                    if end_of_epoch:  # the position of the next step: a checkpoint resumes from there
+                        epoch, step_in_epoch = epoch + 1, 0
+                    seconds = time.perf_counter() - tic
+                    record.update(epoch=step / steps_per_epoch, step_time=seconds,
+                                  samples_per_s=train["batch_size"] / seconds)
+                    progress.update(record["loss"], record.get("lr/default", next(
+                        (v for k, v in record.items() if k.startswith("lr/")), 0.0)), record["samples_per_s"])
+                    if step % train["log_interval"] == 0 or step == total:
+                        self.history.append(logger.log(step, record))
+                    if val_ds is not None and eval_cfg["interval"] and step % eval_cfg["interval"] == 0:
+                        self.history.append(logger.log(step, self.evaluate(acc, algo, val_ds, collate, metrics,
+                                                                            eval_bs, eval_cfg), "val"))
+                        last_eval = step
+                    if ckpt_cfg["interval"] and step % ckpt_cfg["interval"] == 0:
+                        last_ckpt, last_save = save(step), step
+                    if end_of_epoch or step >= total:
+                        break
+
+            if val_ds is not None and eval_cfg["at_end"] and last_eval != step:
+                self.history.append(logger.log(step, self.evaluate(acc, algo, val_ds, collate, metrics, eval_bs,
+                                                                    eval_cfg), "val"))
+            if ckpt_cfg["save_final"] and last_save != step:
+                last_ckpt = save(step)
+        finally:
+            progress.close()
+            logger.close()
+
+        report = {}
+        if main:
+            from tpo.models.utils import count_parameters
+
+            total_params, trainable = count_parameters(algo.model)
+            report = write_report(self.work_dir, {
+                "config": cfg["source"], "work_dir": str(self.work_dir),
+                "algorithm": cfg["algorithm"]["type"], "model": cfg["model"]["type"],
+                "steps": step, "total_steps": total, "epochs": step / steps_per_epoch,
+                "resumed_from": None if resume_path is None else str(resume_path),
+                "num_processes": world, "global_batch_size": train["batch_size"], "micro_batch_size": micro,
+                "grad_accum": accum, "mixed_precision": str(acc.mixed_precision),
+                "parameters": {"total": total_params, "trainable": trainable},
+                "wall_time_s": round(time.time() - started, 3),
+                "steps_per_s": round((step - start_step) / max(time.time() - started, 1e-9), 4),
+                "final_checkpoint": last_ckpt,
+            })
+        acc.wait_for_everyone()
+        return report
+
+    # ------------------------------------------------------------ one step
+    def _train_step(self, acc, wrapped, algo, optimizer, scheduler, micro_batches, step, epoch, last_ckpt):
+        from accelerate.utils import gather_object, send_to_device
+
+        counts = [int(algo.num_items(b)) for b in micro_batches]
+        global_items = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum").item())
+        scale_base = acc.num_processes * acc.gradient_accumulation_steps / max(global_items, 1)
+        sums: dict[str, list[float]] = {}
+        bad = None
+        for batch, n in zip(micro_batches, counts):
+            batch = send_to_device(batch, acc.device)
+            with acc.accumulate(wrapped):
+                out = wrapped(batch)
+                loss = out["loss"]
+                value = float(loss.detach().float())
+                if not math.isfinite(value) and bad is None:
+                    bad = {"value": value, "ids": list(batch.get("ids") or [])}
+                acc.backward(loss * (n * scale_base))
+            for key, v in [("loss", loss.detach().float()), *_scalar_metrics(out).items()]:
+                entry = sums.setdefault(key, [0.0, 0.0])
+                entry[0] += float(v) * n
+                entry[1] += n
+        if not acc.sync_gradients:
+            raise RuntimeError("internal error: the last micro-batch of a step did not synchronise gradients")
+        gathered = gather_object([{"sums": sums, "bad": bad}]) if acc.num_processes > 1 else [{"sums": sums,
+                                                                                                  "bad": bad}]
+        failures = [(r, g["bad"]) for r, g in enumerate(gathered) if g["bad"] is not None]
+        if failures:
+            optimizer.zero_grad(set_to_none=True)
+            rank, info = failures[0]
+            where = f" on process {rank}" if acc.num_processes > 1 else ""
+            raise NonFiniteLossError(
+                f"step {step + 1} (epoch {epoch}): the loss is {info['value']}{where}; the batch holds the samples "
+                f"{info['ids']}. The run stops before this update. Last good checkpoint: "
+                f"{last_ckpt or 'none (no checkpoint was written yet)'}"
+                + (" — resume from it with `tpo train CONFIG --resume` (lower optim.lr, set train.grad_clip, or "
+                   "drop those samples first)." if last_ckpt else ".")
+            )
+        merged: dict[str, list[float]] = {}
+        for g in gathered:
+            for key, (s, w) in g["sums"].items():
+                entry = merged.setdefault(key, [0.0, 0.0])
+                entry[0] += s
+                entry[1] += w
+        record: dict[str, Any] = {k: (s / w if w else 0.0) for k, (s, w) in merged.items()}
+        record["num_items"] = global_items
+        clip = self.cfg["train"]["grad_clip"]
+        if clip is not None:
+            norm = acc.clip_grad_norm_(wrapped.parameters(), clip)
+            if norm is not None:
+                record["grad_norm"] = float(norm)
+        record.update(group_learning_rates(optimizer))  # the rates this update uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return record
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, acc, algo, dataset, collate, metrics, batch_size, eval_cfg) -> dict[str, Any]:
+        """Validation: the algorithm's metrics (item-weighted over the whole set)
+        and the configured METRICS over the data samples it returns."""
+        from accelerate.utils import gather_object, send_to_device
+
+        predict = bool(metrics)
+        sampler = EvalSampler(len(dataset), batch_size, acc.num_processes, acc.process_index,
+                              eval_cfg["max_batches"])
+
+        def collate_with_items(items):
+            batch = collate(items)
+            if predict:
+                batch["items"] = items
+            return batch
+
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_with_items, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+        sums: dict[str, list[float]] = {}
+        samples: list[dict] = []
+        was_training = algo.training
+        algo.eval()
+        with preserved_rng(), torch.no_grad(), acc.autocast():
+            for batch in loader:
+                items = batch.pop("items", None)
+                batch = send_to_device(batch, acc.device)
+                if items is not None:
+                    batch["items"] = items
+                out = algo.evaluate(batch, predict=predict)
+                n = int(out["num_items"])
+                for key, value in out["metrics"].items():
+                    entry = sums.setdefault(key, [0.0, 0.0])
+                    entry[0] += float(value) * n
+                    entry[1] += n
+                samples.extend(out.get("samples") or [])
+        algo.train(was_training)
+        gathered = gather_object([{"sums": sums, "samples": samples}]) if acc.num_processes > 1 else [
+            {"sums": sums, "samples": samples}]
+        merged: dict[str, list[float]] = {}
+        all_samples: list[dict] = []
+        for g in gathered:
+            all_samples.extend(g["samples"])
+            for key, (s, w) in g["sums"].items():
+                entry = merged.setdefault(key, [0.0, 0.0])
+                entry[0] += s
+                entry[1] += w
+        result = {k: (s / w if w else 0.0) for k, (s, w) in merged.items()}
+        result["num_items"] = int(next(iter(merged.values()), [0, 0])[1])
+        if all_samples:
+            for metric in metrics:
+                metric.results.clear()
+                metric.process(None, all_samples)
+                values = metric.compute_metrics(metric.results)
+                metric.results.clear()
+                prefix = metric.prefix or ""
+                result.update({(f"{prefix}/{k}" if prefix else k): v for k, v in values.items()})
+        return result
+
+    # ---------------------------------------------------------------- info
+    def _summary(self, algo, groups, world, micro, accum, total, steps_per_epoch, resume_path) -> str:
+        lines = [
+            f"tpo train: {self.cfg['algorithm']['type']} on {self.cfg['model']['type']} -> {self.work_dir}",
+            (f"  {world} process(es) x micro-batch {micro} x accumulation {accum} = global batch "
+             f"{self.cfg['train']['batch_size']}; {total} steps ({steps_per_epoch} per epoch)"),
+        ]
+        for g in groups:
+            count = sum(p.numel() for p in g["params"])
+            lines.append(f"  group {g['name']:<24} lr {g['lr']:<10.3g} wd {g['weight_decay']:<6g} "
+                         f"{len(g['params'])} tensors, {count:,} parameters")
+        if resume_path is not None:
+            lines.append(f"  resuming from {resume_path}")
+        return "\n".join(lines)
+
+
+def train(cfg, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None,
+          resume: bool | str = False, **parts) -> dict[str, Any]:
+    """Build a :class:`Trainer` and run it; returns the report."""
+    return Trainer(cfg, cfg_options=cfg_options, work_dir=work_dir, resume=resume, **parts).fit()
