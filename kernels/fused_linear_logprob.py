@@ -21,11 +21,13 @@ Backends (``backend=``):
 * ``"triton"``: two Triton kernels in this file. The forward streams over
   V tiles with an online log-sum-exp and picks out the label logit (the V range
   is split across programs when N alone would leave the GPU idle, the partial
-  log-sum-exps are merged on the host). The backward runs one program per
-  (N tile, V tile): it recomputes the logits tile, turns it into ``dz`` and
-  adds ``dz @ W`` and ``dz.T @ h`` into fp32 buffers with atomics, skipping
-  tiles whose upstream gradient is all zero. On CPU the kernels run under the
-  Triton interpreter (``TRITON_INTERPRET=1``, fp32 only, for tests).
+  log-sum-exps are merged on the host). The backward goes over chunks of rows:
+  a kernel recomputes the chunk's logits tile by tile and writes
+  ``dz = g/T * (onehot - softmax)`` for the chunk (``[chunk, V]`` in the inputs'
+  dtype, tiles with a zero upstream gradient skip the matmul), then two GEMMs
+  give ``dz @ W`` and add ``dz.T @ h`` into the fp32 weight gradient. On CPU the
+  kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, fp32 only,
+  for tests).
 * ``"torch"``: the same algorithm in chunks of rows with plain matmuls, one
   ``[chunk, V]`` buffer reused in place (for CPU users and as the fallback).
 * ``"auto"``: ``"triton"`` for CUDA tensors when Triton is available, else
@@ -242,15 +244,32 @@ def _torch_forward(hidden, weight, bias, labels, inv_temp, chunk):
     return lse, label_logit
 
 
+def _addmm_fp32(grad_w, dz_t, h_chunk):
+    """grad_w (fp32) += dz_t @ h_chunk for bf16/fp16 operands, accumulating in fp32."""
+    if h_chunk.is_cuda:
+        try:  # cuBLAS low-precision GEMM with an fp32 output (torch >= 2.8)
+            torch.addmm(grad_w, dz_t, h_chunk, out_dtype=torch.float32, out=grad_w)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    grad_w.addmm_(dz_t.to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+
+
 def _accumulate_grads(dz, i, j, hidden, weight, grad_h, grad_w, grad_b):
-    """Adds the gradients of rows [i, j) given their dz = d out / d (logits) (fp32/fp64)."""
+    """Adds the gradients of rows [i, j) given their dz = d out / d (logits): dz @ W into
+    grad_h (one GEMM over the whole vocabulary, in the inputs' dtype), dz.T @ h into the fp32
+    (fp64) grad_w, and the column sums of dz into grad_b."""
+    dz_mm = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
     if grad_h is not None:
-        torch.mm(dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype), weight, out=grad_h[i:j])
+        torch.mm(dz_mm, weight, out=grad_h[i:j])
     if grad_w is not None:
         h_chunk = hidden[i:j]
-        grad_w.addmm_(dz.t(), h_chunk if h_chunk.dtype == grad_w.dtype else h_chunk.to(grad_w.dtype))
+        if h_chunk.dtype == grad_w.dtype:
+            grad_w.addmm_(dz.t() if dz.dtype == grad_w.dtype else dz.t().to(grad_w.dtype), h_chunk)
+        else:
+            _addmm_fp32(grad_w, (dz_mm if h_chunk.is_cuda else dz).t(), h_chunk)
     if grad_b is not None:
-        grad_b += dz.sum(0)
+        grad_b += dz.sum(0, dtype=grad_b.dtype)
 
 
 def _grad_buffers(hidden, weight, needs):
@@ -376,23 +395,22 @@ if triton is not None:
         tl.store(lab_ptr + out, lab, mask=row_mask)
 
     @triton.jit
-    def _logprob_bwd_kernel(
-        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr,
-        dh_ptr, dw_ptr, db_ptr,
+    def _logprob_dz_kernel(
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr, dz_ptr,
         N, V, H,
-        stride_hn, stride_hh, stride_wv, stride_wh,
+        stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn,
         inv_temp,
-        HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-        IEEE: tl.constexpr, GROUP_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_N: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        """One program: one (N tile, V tile). Recomputes the logits tile, forms
-        dz = g/T * (onehot(label) - softmax) and adds dz @ W into dh and
-        dz.T @ h into dW (fp32 buffers, atomics), chunk by chunk of H."""
+        """One program: one (N tile, V tile) of a chunk of rows. Recomputes the logits tile
+        and writes dz = g/T * (onehot(label) - softmax(z / T)) (the gradient of the rows'
+        log-probs with respect to their logits) in the inputs' dtype; tiles whose rows all
+        have a zero upstream gradient skip the matmul and write zeros."""
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         num_v = tl.cdiv(V, BLOCK_V)
-        # Grouped order: GROUP_N row tiles sweep the V tiles together (reuse of W tiles in L2).
+        # Grouped order: GROUP_N row tiles sweep the V tiles together (W tiles reused from L2).
         per_group = GROUP_N * num_v
         group = pid // per_group
         first_n = group * GROUP_N
@@ -429,36 +447,16 @@ if triton is not None:
             p = tl.exp(z * inv_temp - lse[:, None])
             is_label = cols[None, :] == labels[:, None]
             dz = (tl.where(is_label, 1.0, 0.0) - p) * g[:, None]
-            dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-            if NEED_DB:
-                tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-            dz_in = dz.to(h_ptr.dtype.element_ty)
-            for k0 in range(0, H, BLOCK_H):
-                ks = k0 + tl.arange(0, BLOCK_H)
-                k_mask = ks < H
-                if NEED_DH:
-                    w = tl.load(
-                        w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0,
-                    )
-                    if IEEE:
-                        dh = tl.dot(dz_in, w, input_precision="ieee")
-                    else:
-                        dh = tl.dot(dz_in, w)
-                    tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :])
-                if NEED_DW:
-                    a = tl.load(
-                        h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-                    )
-                    if IEEE:
-                        dw = tl.dot(tl.trans(dz_in), a, input_precision="ieee")
-                    else:
-                        dw = tl.dot(tl.trans(dz_in), a)
-                    tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
+        else:
+            dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        tl.store(
+            dz_ptr + rows[:, None] * stride_dzn + cols[None, :],
+            dz.to(dz_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
 
 else:  # pragma: no cover
-    _logprob_fwd_kernel = _logprob_bwd_kernel = None
+    _logprob_fwd_kernel = _logprob_dz_kernel = None
 
 
 def _triton_config(hidden: torch.Tensor) -> dict:
@@ -470,8 +468,8 @@ def _triton_config(hidden: torch.Tensor) -> dict:
                     fwd_launch={}, bwd_launch={})
     wide = hidden.dtype == torch.float32
     fwd = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32 if wide else 64)
-    bwd = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32 if wide else 64)
-    return dict(fwd=fwd, bwd=bwd, fwd_launch=dict(num_warps=8, num_stages=3), bwd_launch=dict(num_warps=4, num_stages=2))
+    bwd = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32 if wide else 64)
+    return dict(fwd=fwd, bwd=bwd, fwd_launch=dict(num_warps=8, num_stages=3), bwd_launch=dict(num_warps=8, num_stages=3))
 
 
 def _device_programs(hidden: torch.Tensor) -> int:
@@ -505,32 +503,32 @@ def _triton_forward(hidden, weight, bias, labels, inv_temp):
     return lse, lab.sum(0)
 
 
-def _triton_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, needs):
+def _triton_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
+    """Chunks of rows: the Triton kernel recomputes the chunk's logits tile by tile and writes
+    its dz ([chunk, V], the inputs' dtype); two GEMMs then give dz @ W (hidden's gradient,
+    complete over the vocabulary) and add dz.T @ h into the fp32 weight gradient."""
     n, h_size = hidden.shape
     vocab = weight.shape[0]
     cfg = _triton_config(hidden)
-    dev = hidden.device
-    grad_h = torch.zeros(n, h_size, dtype=torch.float32, device=dev) if needs[0] else None
-    grad_w = torch.zeros(vocab, h_size, dtype=torch.float32, device=dev) if needs[1] else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if needs[2] else None
+    grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs)
     if not any(needs):
         return grad_h, grad_w, grad_b
-    dummy = lse
+    rows = min(chunk, n)
+    dz_buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
     bn, bv = cfg["bwd"]["BLOCK_N"], cfg["bwd"]["BLOCK_V"]
-    grid = (triton.cdiv(n, bn) * triton.cdiv(vocab, bv),)
-    _logprob_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, lse, gscaled,
-        grad_h if grad_h is not None else dummy, grad_w if grad_w is not None else dummy,
-        grad_b if grad_b is not None else dummy,
-        n, vocab, h_size,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temp,
-        HAS_BIAS=bias is not None, NEED_DH=needs[0], NEED_DW=needs[1], NEED_DB=needs[2],
-        IEEE=hidden.dtype == torch.float32, GROUP_N=8,
-        **cfg["bwd"], **cfg["bwd_launch"],
-    )
-    if grad_h is not None:
-        grad_h = grad_h.to(hidden.dtype)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        dz = dz_buf[: j - i]
+        grid = (triton.cdiv(j - i, bn) * triton.cdiv(vocab, bv),)
+        _logprob_dz_kernel[grid](
+            hidden[i:j], weight, bias if bias is not None else hidden, labels[i:j], lse[i:j], gscaled[i:j], dz,
+            j - i, vocab, h_size,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+            inv_temp,
+            HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32, GROUP_N=8,
+            **cfg["bwd"], **cfg["bwd_launch"],
+        )
+        _accumulate_grads(dz, i, j, hidden, weight, grad_h, grad_w, grad_b)
     return grad_h, grad_w, grad_b
 
 
@@ -572,7 +570,9 @@ class _FusedLinearLogProbFunction(torch.autograd.Function):
         gscaled = (grad_out.to(lse.dtype) * ctx.inv_temp).contiguous()
         if ctx.backend == "triton":
             with torch.cuda.device(hidden.device) if hidden.is_cuda else _nullcontext():
-                grad_h, grad_w, grad_b = _triton_backward(hidden, weight, bias, labels, lse, gscaled, ctx.inv_temp, needs)
+                grad_h, grad_w, grad_b = _triton_backward(
+                    hidden, weight, bias, labels, lse, gscaled, ctx.inv_temp, ctx.chunk, needs
+                )
         else:
             grad_h, grad_w, grad_b = _torch_backward(hidden, weight, bias, labels, lse, gscaled, ctx.inv_temp, ctx.chunk, needs)
         if grad_w is not None and grad_w.dtype != weight.dtype:
@@ -658,8 +658,8 @@ def fused_linear_logprob(
             ``"sum"``/``"mean"`` over the tokens of each sequence: ``[B]`` for ``[B, T, H]``,
             a 0-dim scalar over all N tokens for ``[N, H]``. A mean over no tokens is 0.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
-        chunk_size: rows per chunk of the torch backend (default: a [chunk, V] buffer of
-            32 MiB on CPU, 1 GiB on GPU).
+        chunk_size: rows per chunk of the torch backend and of the Triton backward (default:
+            a [chunk, V] buffer of 2^23 elements on CPU, 2^28 on GPU).
 
     Returns:
         :class:`LogProbs` ``(logps, counts)``: ``logps`` in fp32 (fp64 for fp64 inputs),

@@ -117,11 +117,12 @@ def test_torch_backend_chunking_does_not_change_results(chunk_size):
     _compare_to_reference("torch", hidden, weight, b, labels, "sum", 1.0, chunk_size=chunk_size)
 
 
-def test_triton_forward_merges_split_vocabulary():
-    # 16-row tiles, 32-column tiles: 2 row tiles and 7 vocabulary tiles, so the
-    # forward splits V across programs and merges the partial log-sum-exps.
+def test_triton_splits_vocabulary_and_chunks_rows():
+    # 16-row tiles, 32-column tiles: 2 row tiles and 7 vocabulary tiles, so the forward
+    # splits V across programs and merges the partial log-sum-exps; the backward goes over
+    # chunks of 7 rows (the last one partial).
     hidden, weight, b, labels = _problem((29,), hidden_size=17, vocab=211, seed=7)
-    _compare_to_reference("triton", hidden, weight, b, labels, "none", 0.9)
+    _compare_to_reference("triton", hidden, weight, b, labels, "none", 0.9, chunk_size=7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
