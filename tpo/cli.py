@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_chat)
 
+    # `tpo train ...` is handed to tpo.engine.main.train_main whole (see main()).
+    sub.add_parser("train", help="train a model as a config says: tpo train CONFIG [--cfg-options ...] [--resume]")
+
+    sub.add_parser("experiment", help="SFT baseline vs TPO on a synthetic benchmark: tpo experiment CONFIG")
+
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     # `tpo data synth ...` is handed to tpo.data.synth.main whole (see main()).
@@ -148,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         from tpo.data.synth import main as synth_main
 
         return synth_main(argv[2:])
+    if argv[:1] == ["train"]:
+        from tpo.engine.main import train_main
+
+        return train_main(argv[1:])
+    if argv[:1] == ["experiment"]:
+        from tpo.engine.experiment import experiment_main
+
+        return experiment_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

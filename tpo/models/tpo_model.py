@@ -296,6 +296,10 @@ class TPOModel(MultimodalLLM):
             generated.append(self.query_ids[task])
             hidden = self.decode(self._embed_with_visual(ids, visual, batch), torch.ones_like(ids))
             head = self.heads[task]
+            if "init_boxes" in getattr(head, "input_keys", ()) and input_box is None:
+                # the model asked for a task whose head needs a box prompt no one gave
+                results[task] = {"skipped": f"the {task} head needs input_box, which was not given"}
+                continue
             head_visual = self._visual_for(torch.zeros(1, dtype=torch.long), features, None, task, head)
             head_batch = dict(batch, input_ids=ids, task_targets={task: {"init_boxes": batch.get("input_boxes")}})
             extra = {k: v for k, v in (head_inputs or {}).items() if k in getattr(head, "input_keys", ())}

@@ -1,0 +1,93 @@
+"""Staged training (TPO's recipe) and the small experiment of the main job."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tpo.data.synth import synthesize
+from tpo.engine.experiment import format_table, reroot, run_experiment
+from tpo.engine.stages import merge, run_stages, stage_configs
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "tpo" / "recipes" / "tiny_cpu.py"
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, 6, seed=2, frames=4, size=32)
+    return out
+
+
+def _short(synth_dir):
+    """The recipe's stages at 2 steps each, on the test's benchmark."""
+    return {
+        "data.train.ann_file": str(synth_dir / "train.jsonl"),
+        "train.batch_size": 4,
+        "stages": [
+            dict(name="assign", algorithm=dict(type="TPO", losses=["^lm$", "^assign$"]),
+                 data=dict(train=dict(tasks=["grounding", "segmentation"])), train=dict(max_steps=2)),
+            dict(name="heads", algorithm=dict(type="TPO", losses=[r"^(region|mask)\."], trainable=[r"^heads\."]),
+                 data=dict(train=dict(tasks=["grounding", "segmentation"])), train=dict(max_steps=2)),
+        ],
+    }
+
+
+def test_merge_and_stage_plans(tmp_path):
+    base = {"train": {"batch_size": 8, "max_steps": 5}, "data": {"train": {"type": "A", "x": 1}}}
+    merged = merge(base, {"train": {"max_steps": 2}, "data": {"train": {"_delete_": True, "type": "B"}}})
+    assert merged == {"train": {"batch_size": 8, "max_steps": 2}, "data": {"train": {"type": "B"}}}
+    plan = stage_configs(dict(base, stages=[dict(name="a"), dict(name="b", train=dict(max_steps=1))]), tmp_path)
+    assert [p[1].name for p in plan] == ["1_a", "2_b"] and plan[1][2]["train"]["max_steps"] == 1
+    with pytest.raises(ValueError, match="used twice"):
+        stage_configs(dict(base, stages=[dict(name="a"), dict(name="a")]), tmp_path)
+    with pytest.raises(ValueError, match="non-empty list"):
+        stage_configs(dict(base, stages=[]), tmp_path)
+
+
+def test_stages_chain_weights_and_skip_finished_ones(synth_dir, tmp_path):
+    summary = run_stages(RECIPE, cfg_options=_short(synth_dir), work_dir=str(tmp_path))
+    first, second = summary["stages"]
+    assert first["steps"] == 2 and second["steps"] == 2
+    config = json.loads((tmp_path / "2_heads" / "config.json").read_text())
+    assert config["load_from"] == first["final_checkpoint"]  # stage 2 starts from stage 1's weights
+    assert summary["final_checkpoint"] == second["final_checkpoint"]
+    mtime = (tmp_path / "1_assign" / "report.json").stat().st_mtime
+    again = run_stages(RECIPE, cfg_options=_short(synth_dir), work_dir=str(tmp_path))
+    assert (tmp_path / "1_assign" / "report.json").stat().st_mtime == mtime  # not trained again
+    assert again["final_checkpoint"] == summary["final_checkpoint"]
+
+
+def test_a_bad_stage_is_reported_before_any_training(synth_dir, tmp_path):
+    options = _short(synth_dir)
+    options["stages"][1]["optim"] = dict(lrr=1.0)
+    with pytest.raises(KeyError, match="stage 'heads'.*optim.lrr"):
+        run_stages(RECIPE, cfg_options=options, work_dir=str(tmp_path))
+    assert not (tmp_path / "1_assign").exists()
+
+
+def test_reroot_and_table():
+    cfg = {"data": {"train": {"ann_file": "work_dirs/synth/train.jsonl"}, "other": "work_dirs/synthetic/x"}}
+    moved = reroot(cfg, "work_dirs/synth", "/tmp/s")
+    assert moved["data"]["train"]["ann_file"] == "/tmp/s/train.jsonl" and moved["data"]["other"] == "work_dirs/synthetic/x"
+    table = format_table({"sft": {"qa/accuracy": 0.5}, "tpo": {"qa/accuracy": 0.25, "mask/miou": 0.75}})
+    assert "| sft | 0.500 | n/a | n/a | n/a |" in table and "| tpo | 0.250 | n/a | n/a | 0.750 |" in table
+
+
+def test_experiment_end_to_end(tmp_path):
+    config = tmp_path / "exp.py"
+    config.write_text(
+        "data_root = 'work_dirs/synth'\n"
+        "synth = dict(num=4, seed=1, frames=4, size=32)\n"
+        f"runs = dict(sft=dict(config={str(ROOT / 'configs/sft/tiny_cpu.py')!r}, cfg_options={{'train.max_steps': 3}}),\n"
+        f"            tpo=dict(config={str(RECIPE)!r}, cfg_options={{'stages': [dict(name='all', train=dict(max_steps=3))]}}))\n"
+        "evaluation = dict(split='test', max_new_tokens=4, limit=6)\n"
+    )
+    summary = run_experiment(config, work_dir=str(tmp_path / "run"))
+    assert set(summary["results"]) == {"sft", "tpo"} and summary["steps"] == {"sft": 3, "tpo": 3}
+    assert (tmp_path / "run" / "results.json").is_file() and Path(summary["plots"][0]).is_file()
+    assert "| tpo |" in summary["table"]
+    bad = tmp_path / "bad.py"
+    bad.write_text(config.read_text().replace("'train.max_steps': 3", "'train.max_steps': 4"))
+    with pytest.raises(ValueError, match="same budget"):
+        run_experiment(bad, work_dir=str(tmp_path / "bad"))

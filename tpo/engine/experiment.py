@@ -1,0 +1,167 @@
+"""``tpo experiment CONFIG``: a complete, small TPO experiment.
+
+It writes a synthetic benchmark, trains an SFT-only baseline and a TPO model
+(its three stages) with the same number of optimiser steps, evaluates both on
+the held-out split (QA accuracy, box Acc@0.5, temporal R@0.5, mask IoU), and
+prints the table and the paths of the plots.
+
+The config names the benchmark (``synth=dict(num=..., seed=..., frames=...,
+size=...)``), the runs (``runs=dict(sft=dict(config=..., cfg_options=...),
+tpo=dict(config=...))``: training configs, staged or not, whose data paths
+under ``data_root`` are re-rooted to the benchmark written here) and the
+evaluation (``evaluation=dict(split="test", limit=..., max_new_tokens=...)``).
+Finished parts are not run again: the experiment resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from tpo.registry import load_config
+
+from .config import TOP_LEVEL, own_keys
+
+METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
+           ("mask/miou", "mask IoU")]
+
+
+def reroot(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string path under ``old`` moved under ``new``."""
+    if isinstance(value, Mapping):
+        return {k: reroot(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(reroot(v, old, new) for v in value)
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new.rstrip("/") + value[len(old.rstrip("/")):]
+    return value
+
+
+def _run_config(run: Mapping[str, Any], data_root: str, synth_dir: Path) -> tuple[dict, str]:
+    path = run["config"]
+    cfg = load_config(path, run.get("cfg_options")).to_dict()
+    own = own_keys(path)
+    cfg = {k: v for k, v in cfg.items() if k in TOP_LEVEL or k in own or k == "stages"}
+    return reroot(cfg, data_root, str(synth_dir)), str(path)
+
+
+def _train(name: str, cfg: dict, work_dir: Path, resume: bool) -> str:
+    from .stages import run_stages
+    from .trainer import Trainer
+
+    done = work_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())["final_checkpoint"]
+    if "stages" in cfg:
+        final = run_stages(cfg, work_dir=str(work_dir), resume=True)["final_checkpoint"]
+    else:
+        has_ckpt = (work_dir / "checkpoints").is_dir() and any((work_dir / "checkpoints").iterdir())
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        final = Trainer(dict(cfg, work_dir=str(work_dir)), resume=resume and has_ckpt).fit()["final_checkpoint"]
+    done.write_text(json.dumps({"final_checkpoint": final}))
+    return final
+
+
+def _steps(cfg: Mapping[str, Any]) -> int:
+    from .stages import merge
+
+    if "stages" in cfg:
+        return sum(merge(cfg, s).get("train", {}).get("max_steps") or 0 for s in cfg["stages"])
+    return cfg.get("train", {}).get("max_steps") or 0
+
+
+def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None) -> dict:
+    from tpo.data.datasets import SampleDataset
+    from tpo.data.synth import synthesize
+    from tpo.evaluation import evaluate
+    from tpo.models.utils import load_model_weights
+    from tpo.registry import build_model
+
+    cfg = load_config(config, cfg_options)
+    root = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(str(config)).stem)
+    synth_cfg = dict(cfg.get("synth", {}))
+    data_root = cfg.get("data_root", "work_dirs/synth")
+    synth_dir = root / "synth"
+    runs = {name: _run_config(run, data_root, synth_dir) for name, run in cfg["runs"].items()}
+    steps = {name: _steps(run_cfg) for name, (run_cfg, _) in runs.items()}
+    if cfg.get("same_budget", True) and len(set(steps.values())) > 1:
+        raise ValueError(f"runs: the optimiser steps differ ({steps}); give every run the same budget, "
+                         "or set same_budget=False")
+    started = time.time()
+    if not (synth_dir / "summary.json").is_file():
+        print(f"[experiment] writing the synthetic benchmark to {synth_dir}", flush=True)
+        synthesize(synth_dir, **synth_cfg)
+    eval_cfg = dict(cfg.get("evaluation", {}))
+    split = eval_cfg.pop("split", "test")
+    results: dict[str, Any] = {}
+    for name, (run_cfg, path) in runs.items():
+        print(f"[experiment] training {name} ({path}, {steps[name]} steps)", flush=True)
+        final = _train(name, run_cfg, root / name, resume=True)
+        model = build_model(run_cfg["model"])
+        load_model_weights(model, final)
+        dataset = SampleDataset(str(synth_dir / f"{split}.jsonl"), num_frames=getattr(model.processor, "num_frames"))
+        print(f"[experiment] evaluating {name} on {split}", flush=True)
+        results[name] = evaluate(model, dataset, **eval_cfg)
+        results[name]["final_checkpoint"] = final
+    table = format_table(results)
+    plots = plot_results(results, root)
+    summary = {"results": results, "steps": steps, "wall_time_s": round(time.time() - started, 1),
+               "table": table, "plots": plots, "work_dir": str(root)}
+    (root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (root / "results.md").write_text(table + "\n")
+    return summary
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    header = "| run | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    for name, res in results.items():
+        cells = ["n/a" if res.get(key) is None else f"{res[key]:.3f}" for key, _ in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: Mapping[str, Mapping[str, Any]], root: Path) -> list[str]:
+    """A bar chart of the metrics per run, plus each run's own training plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(results), 1)
+    for i, (name, res) in enumerate(results.items()):
+        values = [res.get(key) or 0.0 for key, _ in METRICS]
+        ax.bar([j + i * width for j in range(len(METRICS))], values, width=width, label=name)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(METRICS))])
+    ax.set_xticklabels([label for _, label in METRICS])
+    ax.set_ylim(0, 1)
+    ax.set_title("held-out results")
+    ax.legend()
+    fig.tight_layout()
+    out = root / "results.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    plots = [str(out)]
+    for name in results:  # each run's (or stage's) training curves
+        plots += sorted(str(p) for p in (root / name).rglob("*.png"))
+    return plots
+
+
+def experiment_main(argv=None) -> int:
+    import argparse
+
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(prog="tpo experiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE")
+    parser.add_argument("--work-dir")
+    args = parser.parse_args(argv)
+    summary = run_experiment(args.config, args.cfg_options, args.work_dir)
+    print(summary["table"])
+    print(f"results: {os.path.join(summary['work_dir'], 'results.json')}")
+    print("plots:\n  " + "\n  ".join(summary["plots"]))
+    return 0

@@ -1,0 +1,101 @@
+"""Staged training (TPO's recipe): ``stages=[dict(name=..., <overrides>), ...]``
+in a config runs one training per stage, each a full ``tpo train`` run in
+``<work_dir>/<i>_<name>`` that starts from the previous stage's final weights.
+
+A stage's dict is merged into the rest of the config (dicts merge key by key,
+anything else is replaced), so a stage names only what changes: its
+algorithm's ``losses`` and ``trainable`` parameters, its data mix, its
+learning rates, its number of steps. A finished stage (its ``report.json``
+written) is not run again; ``resume`` continues the unfinished one from its
+latest checkpoint, so an interrupted recipe resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from tpo.registry import load_config
+
+from .report import REPORT_FILE
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in: dicts key by key (unless the
+    override's dict says ``_delete_=True``: then it replaces), the rest replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and value.get("_delete_"):
+            out[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != "_delete_"}
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_configs(cfg: Mapping[str, Any], work_dir: str | os.PathLike) -> list[tuple[str, Path, dict]]:
+    """``(name, work_dir, config)`` of each stage, ``load_from`` not yet set."""
+    stages = cfg.get("stages")
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError("stages: must be a non-empty list of dicts, each with a 'name' and the keys it overrides")
+    base = {k: v for k, v in cfg.items() if k != "stages"}
+    out, names = [], set()
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, Mapping) or not isinstance(stage.get("name"), str):
+            raise ValueError(f"stages[{i}]: must be a dict with a 'name' (str), got {stage!r}")
+        name = stage["name"]
+        if name in names:
+            raise ValueError(f"stages[{i}].name: {name!r} is used twice; give each stage its own name")
+        names.add(name)
+        if "load_from" in stage and i > 0:
+            raise ValueError(f"stages[{i}].load_from: a later stage starts from the previous stage's weights")
+        overrides = {k: v for k, v in stage.items() if k != "name"}
+        out.append((name, Path(work_dir) / f"{i + 1}_{name}", merge(base, overrides)))
+    return out
+
+
+def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Run every stage of ``config`` in order; returns ``{"stages": [report,
+    ...], "final_checkpoint": ...}`` (also ``<work_dir>/stages.json``).
+
+    Every stage's config is checked before the first one trains."""
+    from .config import TOP_LEVEL, own_keys, validate
+    from .trainer import Trainer
+
+    cfg = load_config(config, cfg_options).to_dict()
+    source = str(config) if isinstance(config, (str, os.PathLike)) else None
+    # names a _base_ file brought in (its vision_encoder = ..., say) are not
+    # training keys; the file's own unknown names are still errors
+    own = own_keys(source) if source else set(cfg)
+    cfg = {k: v for k, v in cfg.items() if k in TOP_LEVEL or k in own or k == "stages"}
+    stem = Path(str(config)).stem if isinstance(config, (str, os.PathLike)) else "stages"
+    root = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / stem)
+    plan = stage_configs(cfg, root)
+    for name, stage_dir, stage_cfg in plan:  # every config error before any training
+        try:
+            validate(load_config(dict(stage_cfg, work_dir=str(stage_dir))), source=source)
+        except (KeyError, TypeError, ValueError) as err:
+            raise type(err)(f"stage {name!r}: {err.args[0] if err.args else err}") from None
+    previous = cfg.get("load_from")
+    reports = []
+    for name, stage_dir, stage_cfg in plan:
+        report_file = stage_dir / REPORT_FILE
+        if report_file.is_file():
+            report = json.loads(report_file.read_text())
+        else:
+            stage_cfg = dict(stage_cfg, load_from=previous, work_dir=str(stage_dir))
+            has_ckpt = (stage_dir / "checkpoints").is_dir() and any((stage_dir / "checkpoints").iterdir())
+            stage_cfg = {k: v for k, v in stage_cfg.items() if not k.startswith("_")}
+            report = Trainer(stage_cfg, resume=bool(resume and has_ckpt)).fit()
+        if not report.get("final_checkpoint"):
+            raise RuntimeError(f"stage {name!r} finished without a final checkpoint; set checkpoint.save_final=True")
+        previous = report["final_checkpoint"]
+        reports.append({"name": name, "work_dir": str(stage_dir), **report})
+    summary = {"stages": reports, "final_checkpoint": previous}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "stages.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
