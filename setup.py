@@ -53,6 +53,7 @@ setup(
         "pycocotools>=2.0",
         "pillow>=10.0",
         "matplotlib>=3.8",
+        "tensorboard>=2.14",
         "tqdm>=4.66",
     ],
     extras_require={

@@ -24,5 +24,6 @@ def test_component_table_lists_every_registered_component():
         row = next((line for line in README.splitlines() if line.startswith(f"| {name} |")), None)
         assert row is not None, f"README table has no row for {name}"
         listed = set(re.findall(r"`(\w+)`", row))
-        missing = set(registered_names(registry)) - listed
+        ours = {n for n in registered_names(registry) if registry.module_dict[n].__module__.startswith("tpo.")}
+        missing = ours - listed  # components the tests register themselves are not the library's
         assert not missing, f"README table row {name} misses {sorted(missing)}"
