@@ -149,11 +149,13 @@ def test_resume_restores_running_loss_state(tmp_path, monkeypatch):
 
 
 def test_dpo_ranks_held_out_pairs(tmp_path):
-    """45 steps of DPO (fused loss, frozen copy as reference) on 128 synthetic
-    pairs: held-out pairs' chosen answers get the higher implicit reward."""
+    """90 steps of DPO (fused loss, frozen copy as reference) on 128 synthetic
+    pairs: held-out pairs' chosen answers get the higher implicit reward (at the
+    start every reward is 0: policy = reference). Over seeds 0-7 this reaches
+    0.98-1.0 (benchmarks/bench_dpo_heldout.py)."""
     cfg = train_config(
         tmp_path, algorithm={"type": "DPO", "loss": {"type": "DPOLoss", "beta": 0.5}},
-        train={"batch_size": 8, "max_steps": 45, "seed": 1}, optim={"lr": 5e-3},
+        train={"batch_size": 8, "max_steps": 90, "seed": 0}, optim={"lr": 5e-3},
         schedule={"type": "cosine", "warmup_steps": 2},
         evaluation={"at_end": True, "metrics": [{"type": "PairwiseAccuracy"}], "batch_size": 16},
     )

@@ -88,3 +88,10 @@ def test_defaults_are_filled_in():
     assert cfg["train"]["grad_clip"] == 1.0 and cfg["train"]["micro_batch_size"] is None
     assert cfg["optim"]["betas"] == (0.9, 0.999) and cfg["checkpoint"]["keep_last"] == 2
     assert cfg["work_dir"] == "w"
+
+
+def test_dict_configs_allow_model_parts_but_not_typos():
+    cfg = train_config("w", llm={"type": "HFCausalLM"}, tasks={"region": {}})  # parts a _base_ file brings
+    validate(cfg, datasets_given=True, collate_given=True)
+    with pytest.raises(KeyError, match=r"evaluaton: unknown key; did you mean 'evaluation'"):
+        validate(train_config("w", evaluaton={"interval": 1}), datasets_given=True, collate_given=True)

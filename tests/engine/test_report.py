@@ -2,7 +2,7 @@
 final report: report.json and PNG curves of the loss and the eval metrics."""
 import json
 
-from engine_testkit import qa_items, train_config
+from engine_testkit import model_config, qa_items, train_config
 from PIL import Image
 
 from tpo.engine import Trainer
@@ -35,11 +35,14 @@ def test_report_files(tmp_path):
 
 
 def test_evaluation_does_not_change_training(tmp_path):
-    """Evaluation runs under a forked RNG in eval mode: with or without it, the
-    training losses are the same."""
+    """Evaluation runs in eval mode under a forked RNG and puts the model back in
+    training mode: with or without it, the training losses (with dropout) are
+    the same."""
     runs = {}
+    model = model_config(**{"llm.config.attention_dropout": 0.2})
     for name, evaluation in (("plain", {"interval": None}), ("eval", {"interval": 1, "at_end": True})):
-        cfg = train_config(tmp_path / name, train={"batch_size": 2, "max_steps": 3}, evaluation=evaluation)
+        cfg = train_config(tmp_path / name, model=model, train={"batch_size": 2, "max_steps": 3},
+                           evaluation=evaluation)
         trainer = Trainer(cfg, train_dataset=qa_items(8), val_dataset=qa_items(4, seed=3, prefix="v"))
         trainer.fit()
         runs[name] = [r["loss"] for r in trainer.history if r["split"] == "train"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from engine_testkit import losses_of, qa_items, train_config
+from engine_testkit import losses_of, model_config, qa_items, train_config
 
 from tpo.engine import Trainer
 from tpo.engine.checkpoint import list_checkpoints, read_state
@@ -18,7 +18,9 @@ class Stop(Exception):
 def _trainer(work_dir, data, resume=False, **sections):
     sections = {"train": {"max_steps": 7, "micro_batch_size": 2, "batch_size": 4},
                 "checkpoint": {"interval": 3, "keep_last": 3, "save_final": True}, **sections}
-    return Trainer(train_config(work_dir, **sections), resume=resume, train_dataset=data)
+    # attention dropout draws from torch's RNG every step: the RNG state must be restored too
+    model = model_config(**{"llm.config.attention_dropout": 0.2})
+    return Trainer(train_config(work_dir, model=model, **sections), resume=resume, train_dataset=data)
 
 
 def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ Top-level keys of a training config::
 Other top-level keys may come from ``_base_`` files (model parts such as
 ``llm`` or ``tasks`` reused through ``{{_base_.llm}}``); a key set in the config
 file itself or through ``--cfg-options`` that is not a section is an error, as
-is any key one typo away from a section name.
+is any key one typo away from a section name (the only check on the top-level
+keys of a config given as a dict). Keys starting with ``_`` are private.
 """
 from __future__ import annotations
 
@@ -259,8 +260,8 @@ def validate(cfg, source: str | os.PathLike | None = None, cfg_options: Mapping[
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
 
     # top-level keys
-    own = own_keys(source) if source is not None else set(raw)
-    own = (own or set()) | {k.split(".")[0] for k in (cfg_options or {})}
+    # a config given as a dict may hold model parts too: there only typos of section names are errors
+    own = (own_keys(source) if source is not None else set()) | {k.split(".")[0] for k in (cfg_options or {})}
     for name in raw:
         if name in TOP_LEVEL:
             continue

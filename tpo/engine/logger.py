@@ -75,7 +75,13 @@ class MetricLogger:
                     handle.write(json.dumps(record) + "\n")
             os.replace(tmp, self.path)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError(
+                    f"train.tensorboard=True needs the tensorboard package ({err}); pip install tensorboard, "
+                    "or set train.tensorboard=False"
+                ) from None
 
             purge = None if resume_step is None else resume_step + 1
             self.writer = SummaryWriter(str(Path(work_dir) / TENSORBOARD_DIR), purge_step=purge)

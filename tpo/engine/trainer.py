@@ -348,7 +348,7 @@ class Trainer:
                 loss = out["loss"]
                 value = float(loss.detach().float())
                 if not math.isfinite(value) and bad is None:
-                    bad = {"value": value, "ids": list(batch.get("ids") or [])}
+                    bad = {"value": value, "ids": list(dict.fromkeys(batch.get("ids") or []))}  # pairs: once
                 acc.backward(loss * (n * scale_base))
             for key, v in [("loss", loss.detach().float()), *_scalar_metrics(out).items()]:
                 entry = sums.setdefault(key, [0.0, 0.0])
