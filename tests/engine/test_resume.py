@@ -79,3 +79,19 @@ def test_resume_with_another_global_batch_is_an_error(tmp_path):
     # the checkpoint's trainer state is plain JSON
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["global_batch_size"] == 4
+
+
+def test_max_epochs_and_the_epoch_boundary(tmp_path):
+    """max_epochs counts whole epochs of full global batches; a checkpoint at
+    the end of an epoch records the start of the next one, and resuming from it
+    continues the run."""
+    data = qa_items(9)  # 2 steps of 4 an epoch, one sample left over each epoch
+    cfg = {"train": {"max_steps": None, "max_epochs": 2, "batch_size": 4},
+           "checkpoint": {"interval": 2, "keep_last": 3, "save_final": True}}
+    report = _trainer(tmp_path / "full", data, **cfg).fit()
+    assert report["steps"] == 4 and report["epochs"] == 2
+    state = read_state(tmp_path / "full" / "checkpoints" / "step_00000002")
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    cfg["train"]["max_epochs"] = 3
+    report = _trainer(tmp_path / "full", data, resume=True, **cfg).fit()
+    assert report["steps"] == 6 and sorted(losses_of(tmp_path / "full")) == [1, 2, 3, 4, 5, 6]
