@@ -1,5 +1,5 @@
 """Benchmark: one training step (the algorithm's step, backward, AdamW step) of
-SFT and DPO on the tiny timm + MLP + Llama config, with the fused log-prob
+SFT, DPO and TPO on the tiny timm + MLP + Llama configs, with the fused log-prob
 kernel (``logprob="fused"``: the LM head applied tile by tile, no
 ``[tokens, vocab]`` logits) and without it (``logprob="eager"``: materialised
 logits, then ``F.cross_entropy`` for SFT and ``log_softmax`` + gather for DPO).
@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "mllm" / "timm_mlp_llama.py"
+TPO_CONFIG = ROOT / "configs" / "tpo" / "timm_mlp_llama.py"
 
 
 def cpu_name() -> str:
@@ -104,13 +105,29 @@ def make_batches(out_dir: Path, processor, size: int):
     return sft, dpo
 
 
+def make_task_batch(out_dir: Path, processor, tasks, size: int):
+    """One TPO batch: ``size`` samples of the grounding, temporal, mask and track tasks."""
+    from tpo.data import SampleDataset
+    from tpo.data.collate import ConversationCollator
+
+    task = SampleDataset(str(out_dir / "train.jsonl"), num_frames=8,
+                         tasks=["grounding", "temporal_grounding", "segmentation", "tracking"])
+    return ConversationCollator(processor, max_length=512, tasks=tasks)([task[i] for i in range(size)])
+
+
 def run_case(model_cfg, algorithm: str, logprob: str, batch, device, repeats: int) -> dict:
     from accelerate.utils import send_to_device
     from tpo.registry import build_algorithm, build_model
 
     torch.manual_seed(0)
-    model = build_model(copy.deepcopy(model_cfg))
-    algo = build_algorithm({"type": algorithm, "logprob": logprob}, default_args={"model": model}).to(device)
+    model_cfg = copy.deepcopy(model_cfg)
+    if algorithm == "TPO":  # the TPO model's LM losses: the fused kernel, or materialised logits
+        model_cfg["kernel_backend"] = "auto" if logprob == "fused" else "eager"
+        algo_cfg = {"type": "TPO"}
+    else:
+        algo_cfg = {"type": algorithm, "logprob": logprob}
+    model = build_model(model_cfg)
+    algo = build_algorithm(algo_cfg, default_args={"model": model}).to(device)
     algo.train()
     params = [p for p in algo.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -162,18 +179,23 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     base_cfg = load_config(str(CONFIG)).to_dict()["model"]
+    tpo_cfg = load_config(str(TPO_CONFIG)).to_dict()["model"]
     with tempfile.TemporaryDirectory() as tmp:
         sft_batch, dpo_batch = make_batches(Path(tmp), build_model(copy.deepcopy(base_cfg)).processor, args.batch)
+        tpo_model = build_model(copy.deepcopy(tpo_cfg))
+        tpo_batch = make_task_batch(Path(tmp), tpo_model.processor, tpo_model.tasks, args.batch)
     rows = []
     for vocab in args.vocab:
-        cfg = copy.deepcopy(base_cfg)
+        cfg, task_cfg = copy.deepcopy(base_cfg), copy.deepcopy(tpo_cfg)
         if vocab != 512:
             cfg["llm"]["config"]["vocab_size"] = vocab
-        for algorithm, batch in (("SFT", sft_batch), ("DPO", dpo_batch)):
+            task_cfg["llm"]["config"]["vocab_size"] = vocab
+        for algorithm, batch in (("SFT", sft_batch), ("DPO", dpo_batch), ("TPO", tpo_batch)):
             for logprob in ("fused", "eager"):
                 load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 row = {"case": f"{algorithm.lower()}[{logprob},V={vocab}]", "vocab": vocab,
-                       **run_case(cfg, algorithm, logprob, batch, device, args.repeats),
+                       **run_case(task_cfg if algorithm == "TPO" else cfg, algorithm, logprob, batch, device,
+                                  args.repeats),
                        "device": device.type, "torch_threads": torch.get_num_threads() if device.type == "cpu" else "",
                        "load_avg_1m": None if load is None else round(load, 2)}
                 rows.append(row)
@@ -192,7 +214,9 @@ def main(argv=None) -> int:
         "torch_threads": args.threads if device.type == "cpu" else None,
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "model": "configs/mllm/timm_mlp_llama.py (hidden 64, 2 layers; vision timm ViT 32x32, 4 frames)",
-        "batch": f"SFT {args.batch} conversations, DPO {args.batch} pairs (synthetic benchmark, max_length 512)",
+        "batch": f"SFT {args.batch} conversations, DPO {args.batch} pairs, TPO {args.batch} task samples "
+                 "(configs/tpo/timm_mlp_llama.py: region, temporal, mask, track heads; synthetic benchmark, "
+                 "max_length 512)",
         "memory": "CUDA: max_memory_allocated above the step's start; CPU: peak RSS (VmHWM reset via "
                   "/proc/self/clear_refs) above the RSS at the step's start",
         "date": datetime.now().isoformat(timespec="seconds"),

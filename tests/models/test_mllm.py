@@ -174,3 +174,9 @@ def test_lm_loss_equals_eager_cross_entropy(model):
         want = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-6)
     assert out["num_tokens"] == (labels != IGNORE_INDEX).sum()
+    model.kernel_backend = "eager"
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch)["loss"], want, rtol=1e-5, atol=1e-6)
+    finally:
+        model.kernel_backend = "auto"

@@ -28,7 +28,8 @@ class MultimodalLLM(FreezeAwareModule):
         num_frames: frames sampled uniformly from a video.
         freeze_projector: keep the projector's weights fixed.
         kernel_backend: backend of the fused log-prob kernel (``auto``: Triton
-            on CUDA, chunked torch otherwise; ``triton``; ``torch``).
+            on CUDA, chunked torch otherwise; ``triton``; ``torch``), or
+            ``eager``: materialised logits and ``F.cross_entropy`` (for comparison).
 
     ``forward(batch)`` takes ``input_ids``, ``attention_mask``, optional
     ``labels`` and ``media`` (one ``[T, 3, H, W]`` preprocessed tensor or
@@ -48,8 +49,10 @@ class MultimodalLLM(FreezeAwareModule):
         kernel_backend: str = "auto",
     ):
         super().__init__()
-        if kernel_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"{current_config_key('kernel_backend')}: use 'auto', 'triton' or 'torch', got {kernel_backend!r}")
+        if kernel_backend not in ("auto", "triton", "torch", "eager"):
+            raise ValueError(
+                f"{current_config_key('kernel_backend')}: use 'auto', 'triton', 'torch' or 'eager', got {kernel_backend!r}"
+            )
         self.kernel_backend = kernel_backend
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"{current_config_key('num_frames')}: must be a positive int, got {num_frames!r}")
@@ -199,6 +202,13 @@ class MultimodalLLM(FreezeAwareModule):
         never materialised and unlabelled positions cost nothing."""
         head = self.llm.get_output_embeddings()
         shifted = labels[:, 1:]
+        if self.kernel_backend == "eager":
+            logits = head(hidden[:, :-1]).float()
+            count = (shifted != IGNORE_INDEX).sum()
+            total = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            return total / count.clamp(min=1), count
         logps = fused_linear_logprob(
             hidden[:, :-1].reshape(-1, hidden.shape[-1]),
             head.weight,
