@@ -2,6 +2,7 @@
 (``Algorithm``). Importing this package registers them in
 ``tpo.registry.ALGORITHMS``."""
 from . import base, dpo, sft, tpo  # noqa: F401
+from . import ppo, reward_model  # noqa: F401
 from .base import Algorithm, SetupContext, group_parameters
 from .dpo import DPO
 from .sft import SFT

@@ -1,0 +1,202 @@
+"""PPO: GAE and the helpers against plain references, one rollout's shaping
+(KL penalty, the paper's penalties), the epochs over each batch of rollouts,
+LoRA adapters as the reference, and exact resume through the engine."""
+import json
+
+import pytest
+import torch
+from rlaif_testkit import NUM_FRAMES, PPO_CONFIG, QUIET, policy_config, reward_model_config, save_weights
+from tpo.registry import build_algorithm, build_model
+
+from tpo.algorithms.ppo import PPO, gae, masked_whiten, truncate_after_eos
+
+
+def test_gae_matches_the_definition():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    lengths = [5, 3, 1]
+    mask = torch.zeros(3, 5, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        for t in range(5):
+            if t >= n:
+                assert adv[b, t] == 0 and ret[b, t] == 0
+                continue
+            want = 0.0
+            for k in range(t, n):  # sum_k (gamma lam)^(k-t) delta_k, V after the end = 0
+                nxt = values[b, k + 1] if k + 1 < n else 0.0
+                want += (gamma * lam) ** (k - t) * (rewards[b, k] + gamma * nxt - values[b, k])
+            assert float(adv[b, t]) == pytest.approx(float(want))
+            assert float(ret[b, t]) == pytest.approx(float(want + values[b, t]))
+
+
+def test_truncate_after_eos_and_whiten():
+    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    out, mask, has = truncate_after_eos(tokens, eos_id=2, pad_id=0)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has.tolist() == [True, False, True]
+    x = torch.randn(3, 4)
+    w = masked_whiten(x, mask.float())
+    kept = w[mask.bool()]
+    assert float(kept.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(kept.pow(2).mean()) == pytest.approx(1.0, abs=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def rm_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)
+    return save_weights(build_model(reward_model_config()), tmp_path_factory.mktemp("rm") / "rm.safetensors")
+
+
+@pytest.fixture(scope="module")
+def prompts(synth):
+    from tpo.data import SampleDataset
+
+    return SampleDataset(str(synth / "val.jsonl"), tasks=["qa"])
+
+
+def make_ppo(rm_checkpoint, policy=None, **kwargs):
+    torch.manual_seed(0)
+    policy = policy or build_model(policy_config())
+    spec = dict(reward_model=dict(config=reward_model_config(), checkpoint=rm_checkpoint), max_new_tokens=5)
+    return build_algorithm(dict(type="PPO", **{**spec, **kwargs}), default_args={"model": policy})
+
+
+def test_one_step_shapes_rewards_and_reports_trl_metrics(rm_checkpoint, prompts):
+    algo = make_ppo(rm_checkpoint, ppo_epochs=2, missing_eos_penalty=-3.0, length_coef=-0.5, kl_coef=0.2)
+    collate = algo.build_collator()
+    batch = collate([prompts[i] for i in range(4)])
+    assert batch["input_ids"][:, 0].eq(algo.model.tokenizer.pad_token_id).any() or True  # left padding
+    algo.on_step(0, 2)
+    out = algo.step(batch)
+    out["loss"].backward()
+    names = {"objective/scores", "objective/rm_scores", "objective/kl", "objective/kl_coef", "objective/entropy",
+             "objective/non_score_reward", "objective/rlhf_reward", "policy/approxkl_avg", "policy/clipfrac_avg",
+             "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens",
+             "response/length", "objective/qa_accuracy"}
+    assert names <= set(out)
+    # the first update is on-policy: ratio 1, nothing clipped
+    assert float(out["val/ratio"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(out["policy/clipfrac_avg"]) == 0.0
+    # the paper's penalties: score = rm + length_coef * len / max_new + penalty if no EOS
+    chunk = algo._window[0]
+    lengths = chunk["mask"].sum(1).float()
+    has_eos = (chunk["response"] == algo.model.tokenizer.eos_token_id).any(1).float()
+    expected = float(out["objective/rm_scores"]) + float((-0.5 * lengths / 5 - 3.0 * (1 - has_eos)).mean())
+    assert float(out["objective/scores"]) == pytest.approx(expected, abs=1e-5)
+    # the value model gets gradients, the frozen reward model none
+    assert any(p.grad is not None for p in algo.value_model.parameters())
+    assert all(not p.requires_grad for p in algo._frozen["reward_model"].parameters())
+    assert "value_model.value_head.weight" in algo.state_dict()
+
+
+def test_each_batch_of_rollouts_gets_ppo_epochs_updates(rm_checkpoint, prompts):
+    algo = make_ppo(rm_checkpoint, ppo_epochs=3)
+    collate = algo.build_collator()
+    batches = [collate([prompts[2 * i], prompts[2 * i + 1]]) for i in range(4)]
+    seen = []
+    for step, batch in enumerate(batches):
+        algo.on_step(step, 4)
+        out = algo.step(batch)
+        seen.append(int(out["rollouts/in_update"]))
+        out["loss"].backward()
+        algo.model.zero_grad()
+    assert seen == [2, 4, 6, 6]        # the window fills up to ppo_epochs batches
+    assert len(algo._window) == 2       # the last two batches still have updates to get
+    assert [c["uses_left"] for c in algo._window] == [1, 2]
+    # two micro-batches per step (gradient accumulation) keep their own windows
+    algo2 = make_ppo(rm_checkpoint, ppo_epochs=2)
+    for step in range(2):
+        algo2.on_step(step, 2)
+        sizes = [int(algo2.step(batches[2 * step + k])["rollouts/in_update"]) for k in range(2)]
+        assert sizes == ([2, 2] if step == 0 else [4, 4])
+
+
+def test_adaptive_kl_and_k3(rm_checkpoint, prompts):
+    algo = make_ppo(rm_checkpoint, adaptive_kl=dict(target=1e-6, horizon=10), kl_estimator="k3", kl_coef=0.1)
+    batch = algo.build_collator()([prompts[i] for i in range(4)])
+    algo.on_step(0, 1)
+    out = algo.step(batch)
+    # the KL of the first rollout is ~0 (policy = reference): below target, the coefficient shrinks
+    assert float(out["objective/kl"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(algo.kl_coef) == pytest.approx(0.1 * (1 - 0.2 * 4 / 10))
+
+
+def test_lora_policy_with_adapters_off_as_reference(rm_checkpoint, prompts):
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    llm = {**policy_config()["llm"], "lora": lora}
+    policy = build_model(policy_config(llm=llm))
+    with torch.no_grad():  # move the adapters away from zero: the policy differs from its base
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    algo = make_ppo(rm_checkpoint, policy=policy, reference="adapter")
+    assert "reference" not in algo._frozen  # no second copy
+    batch = algo.build_collator()([prompts[i] for i in range(4)])
+    chunk = algo.rollout(batch)
+    seq = {k: chunk[k] for k in ("input_ids", "attention_mask", "media", "ids")}
+    ref = algo._reference_logps(seq, chunk["prompt_len"], chunk["response"], chunk["mask"])
+    with policy.llm.model.disable_adapter():
+        base, _ = algo._token_logps(policy, seq, chunk["prompt_len"], chunk["response"], chunk["mask"])
+    torch.testing.assert_close(ref, base)
+    assert not torch.allclose(ref * chunk["mask"], chunk["logps"])
+    with pytest.raises(ValueError, match="algorithm.reference: 'adapter'"):
+        from tpo.registry import config_key
+
+        with config_key("algorithm"):
+            PPO(build_model(policy_config()), reward_model=dict(config=reward_model_config(), checkpoint=rm_checkpoint),
+                reference="adapter")
+
+
+@pytest.mark.parametrize("cfg, error, match", [
+    (dict(type="PPO"), KeyError, "algorithm.reward_model: missing"),
+    (dict(type="PPO", reward_model="rm.pt"), TypeError, "algorithm.reward_model: give dict"),
+    (dict(type="PPO", reward_model=dict(config="x", chekpoint="y")), KeyError, "reward_model.chekpoint"),
+    (dict(type="PPO", reward_model=dict(config="x"), kl_estimator="k2"), ValueError, "algorithm.kl_estimator"),
+    (dict(type="PPO", reward_model=dict(config="x"), top_p=0), ValueError, "algorithm.top_p"),
+    (dict(type="PPO", reward_model=dict(config="x"), adaptive_kl=dict(target=1)), ValueError, "adaptive_kl"),
+])
+def test_config_errors(cfg, error, match):
+    with pytest.raises(error, match=match):
+        PPO.check_config(cfg)
+
+
+def test_scorer_must_share_the_tokenizer(rm_checkpoint):
+    other = reward_model_config(**{"tokenizer.vocab_size": 600})
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        make_ppo(rm_checkpoint, value_model=dict(config=other))
+
+
+def test_resume_through_the_engine_is_exact(synth, rm_checkpoint, tmp_path):
+    """6 steps straight, or 3 steps, a stop, and 3 more from the checkpoint:
+    the same policy, value model and rollout window."""
+    from safetensors.torch import load_file
+
+    from tpo.engine import train
+
+    opts = {**QUIET, "load_from": None, "model.num_frames": NUM_FRAMES,
+            "algorithm.reward_model.checkpoint": rm_checkpoint,
+            "algorithm.reward_model.cfg_options": {"model.num_frames": NUM_FRAMES},
+            "algorithm.max_new_tokens": 4, "algorithm.ppo_epochs": 2, "train.batch_size": 2, "train.max_steps": 6,
+            "data.train.ann_file": str(synth / "val.jsonl"), "data.val": None, "evaluation.metrics": [],
+            "checkpoint.interval": 3, "checkpoint.keep_last": None, "optim.lr": 1e-3,
+            "train.log_interval": 1}
+    train(PPO_CONFIG, cfg_options=opts, work_dir=str(tmp_path / "a"))
+    train(PPO_CONFIG, cfg_options={**opts, "train.max_steps": 3}, work_dir=str(tmp_path / "b"))
+    train(PPO_CONFIG, cfg_options=opts, work_dir=str(tmp_path / "b"), resume=True)
+    a, b = tmp_path / "a" / "checkpoints" / "step_00000006", tmp_path / "b" / "checkpoints" / "step_00000006"
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa = torch.load(a / "algorithm_state.pt", weights_only=True)
+    sb = torch.load(b / "algorithm_state.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
+    wa_, wb_ = sa["_extra_state"]["window"], sb["_extra_state"]["window"]
+    assert len(wa_) == len(wb_) == 1 and torch.equal(wa_[0]["response"], wb_[0]["response"])
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
