@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `tpo train ...` is handed to tpo.engine.main.train_main whole (see main()).
     sub.add_parser("train", help="train a model as a config says: tpo train CONFIG [--cfg-options ...] [--resume]")
 
+    sub.add_parser("rlaif", help="AI feedback: tpo rlaif generate CONFIG (sample, judge, write preference pairs)")
     sub.add_parser("experiment", help="SFT baseline vs TPO on a synthetic benchmark: tpo experiment CONFIG")
 
     p = sub.add_parser("data", help="data tools")
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         from tpo.engine.main import train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["rlaif"]:
+        from tpo.rlaif.generation import main as rlaif_main
+
+        return rlaif_main(argv[1:])
     if argv[:1] == ["experiment"]:
         from tpo.engine.experiment import experiment_main
 
