@@ -127,6 +127,10 @@ def test_overfit_then_predict_returns_the_memorised_results():
     model.eval()
     for key in ("region.l1", "region.giou", "lm", "assign"):
         assert last[key] < 0.1 * first[key] + 1e-3, (key, first[key], last[key])
+    for task in ("region", "temporal", "mask", "track"):  # every head's loss near zero
+        start = sum(v for k, v in first.items() if k.startswith(task + "."))
+        end = sum(v for k, v in last.items() if k.startswith(task + "."))
+        assert end < 0.15 * start, (task, start, end)
     region = model.predict("Where is the red circle?", image=_frames(0, 1)[0], max_new_tokens=8)
     assert "region" in region["tasks"], region
     torch.testing.assert_close(region["tasks"]["region"]["boxes"], BOX, atol=0.05, rtol=0)
