@@ -4,11 +4,11 @@
 #   tpo train configs/rlaif/ppo_timm_mlp_llama.py
 _base_ = ["../mllm/timm_mlp_llama.py"]
 work_dir = "work_dirs/rlaif/ppo"
-load_from = "work_dirs/rlaif/sft/checkpoints/step_00000300"
+load_from = "work_dirs/rlaif/sft/checkpoints/step_00002000"
 algorithm = dict(
     type="PPO",
     reward_model=dict(config="configs/rlaif/reward_timm_mlp_llama.py",
-                      checkpoint="work_dirs/rlaif/reward/checkpoints/step_00000150"),
+                      checkpoint="work_dirs/rlaif/reward/checkpoints/step_00001000"),
     value_model=None,            # a copy of the reward model
     reference="copy",            # "adapter" with model.llm.lora: policy and reference share the base
     max_new_tokens=8,
@@ -32,8 +32,8 @@ data = dict(
     val=dict(type="SampleDataset", ann_file="work_dirs/synth/val.jsonl", tasks=["qa"]),
     collator=dict(max_prompt_length=None),
 )
-train = dict(batch_size=16, max_steps=60, seed=0, log_interval=10)
-optim = dict(lr=2e-5, weight_decay=0.0)
+train = dict(batch_size=16, max_steps=300, seed=0, log_interval=10)
+optim = dict(lr=3e-5, weight_decay=0.0)   # the paper's
 schedule = dict(type="constant")
-checkpoint = dict(interval=20, keep_last=1, save_final=True)
+checkpoint = dict(interval=50, keep_last=1, save_final=True)
 evaluation = dict(interval=None, metrics=[dict(type="QAAccuracy")], at_end=True)

@@ -14,7 +14,7 @@ model = dict(
     # llm=dict(**{{_base_.llm}}, lora=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])),
     tokenizer={{_base_.tokenizer}},
     num_frames=4,
-    init_from="work_dirs/rlaif/sft/checkpoints/step_00000300",
+    init_from="work_dirs/rlaif/sft/checkpoints/step_00002000",
 )
 algorithm = dict(type="RewardModeling", loss=dict(type="BradleyTerryLoss", center_coef=1e-3))
 data = dict(
@@ -22,7 +22,7 @@ data = dict(
     val=dict(type="SampleDataset", ann_file="work_dirs/rlaif/pairs/val.jsonl"),
     collator=dict(max_length=512),
 )
-train = dict(batch_size=16, max_steps=150, seed=0, log_interval=25)
+train = dict(batch_size=16, max_steps=1000, seed=0, log_interval=50)
 optim = dict(lr=5e-4, weight_decay=0.0)
 schedule = dict(type="cosine", warmup_steps=10)
 checkpoint = dict(interval=None, keep_last=1, save_final=True)

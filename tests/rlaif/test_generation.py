@@ -9,6 +9,7 @@ from rlaif_testkit import GEN_CONFIG, ROOT, generation_options
 from tpo.rlaif import generate, main
 
 LM_CONFIG = str(ROOT / "configs" / "rlaif" / "generate_lm_timm_mlp_llama.py")
+CLIP_CONFIG = str(ROOT / "configs" / "rlaif" / "generate_clip_captions_timm_mlp_llama.py")
 
 
 def read(path):
@@ -81,6 +82,15 @@ def test_policy_judges_its_own_answers(synth, sft_checkpoint, tmp_path):
         for p in j["pairs"]:
             assert len(p["orders"]) == 2 and "P(A)=" in p["rationale"]
             assert p["p_first"] == pytest.approx(0.5 * (p["orders"][0]["p_first"] + 1 - p["orders"][1]["p_first"]))
+
+
+def test_clip_caption_context_config(synth, sft_checkpoint, tmp_path):
+    """configs/rlaif/generate_clip_captions_*.py: the policy captions the video's segments and judges with them."""
+    opts = generation_options(synth, sft_checkpoint, "val", 1, **{"sampling.num_samples": 2,
+                                                                   "context.max_new_tokens": 3})
+    summary = generate(CLIP_CONFIG, cfg_options=opts, out=str(tmp_path / "clip.jsonl"), log=lambda m: None)
+    (judgment,) = [json.loads(line) for line in read(tmp_path / "clip.judgments.jsonl").splitlines()]
+    assert summary["context"] == "clip_captions" and judgment["context"].startswith("From 0.00 to ")
 
 
 def test_command_line(synth, sft_checkpoint, tmp_path, capsys):

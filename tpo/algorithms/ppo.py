@@ -30,6 +30,10 @@ PPO's inner epochs. The rollouts still in use are part of the algorithm's
 state: a checkpoint holds them (with the adaptive KL coefficient), and a
 resumed run continues exactly where it stopped.
 
+Rollouts (log-probs, values) are computed in eval mode, as generation runs;
+the updates in train mode: a model with dropout then sees a ratio away from 1
+on its first update, so give PPO models no dropout (as TRL advises).
+
 Log-probs come from the fused linear log-prob kernel (no ``[tokens, vocab]``
 logits; the sampling temperature divides the logits). LoRA: with
 ``reference="adapter"`` the reference is the policy with its adapters
@@ -333,13 +337,17 @@ class PPO(Algorithm):
         prompt_len = batch["input_ids"].shape[1]
         seq, response, mask, has_eos = self._sample(batch, greedy=False, max_new_tokens=self.max_new_tokens)
         maskf = mask.float()
-        self.value_model.eval()
+        # the behaviour policy's log-probs and the values without dropout (as generation ran)
+        modes = [(m, m.training) for m in (self.model, self.value_model)]
+        for m, _ in modes:
+            m.eval()
         try:
             logps, entropy = self._token_logps(self.model, seq, prompt_len, response, mask, with_entropy=True)
             ref_logps = self._reference_logps(seq, prompt_len, response, mask)
             values = self._values(self.value_model, seq, prompt_len).float() * maskf
         finally:
-            self.value_model.train(self.training)
+            for m, was in modes:
+                m.train(was)
         score, raw = self._score(seq, prompt_len, mask, has_eos, self.max_new_tokens)
         log_ratio = (logps - ref_logps) * maskf
         kl = log_ratio if self.kl_estimator == "k1" else (torch.exp(-log_ratio) - 1 + log_ratio) * maskf
