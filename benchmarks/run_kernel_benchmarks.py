@@ -1,0 +1,375 @@
+"""Time and peak memory of the fused linear log-prob and preference-loss kernels
+against eager torch and Liger-Kernel; writes CSV and PNG plots to
+``benchmarks/results/<machine>/``.
+
+    python benchmarks/run_kernel_benchmarks.py                     # the set of this machine (GPU if any)
+    python benchmarks/run_kernel_benchmarks.py --ops logprob --ns 1024,4096 --repeats 5
+
+What is measured (each case in fresh subprocesses, so no measurement sees another's memory):
+
+* time: one process per (op, size) builds the inputs once, warms every provider up (Triton
+  and torch.compile compilation), then runs ``repeats`` rounds, each round every provider
+  and mode in turn (interleaved, so a noisy neighbour hits all of them alike); reports the
+  minimum and the median of the wall time, and of the process's CPU time (all its threads,
+  ``time.process_time``: less sensitive to other processes sharing the cores, though
+  threads spinning at barriers count). Modes: ``fwd`` (forward, building the autograd
+  graph), ``bwd`` (backward alone, after an untimed forward), ``fwd+bwd``.
+* peak memory: one process per (op, size, provider). On CUDA: ``torch.cuda`` peak allocated
+  bytes above what was allocated before the call. On CPU (torch has no CPU allocator
+  statistics; tracemalloc does not see torch's allocations): the process's peak resident set
+  (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``) above its
+  resident set just before the call, with glibc told to serve every allocation above 64 KiB by
+  ``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``) and trimmed (``malloc_trim``) before the call, so
+  that freed memory leaves the resident set at once and cached free memory cannot hide a
+  peak. Inputs exist before the call and are not counted; everything the call creates is
+  (outputs, saved tensors, gradients of hidden and weight, temporaries).
+
+Targets reported (not asserted): CPU fused log-prob ``fwd+bwd`` peak memory <= 1/8 of eager's
+and time <= 1.1x eager's; fused DPO with a reference model at least as fast as Liger's
+``LigerFusedLinearDPOLoss`` with no more peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+
+# ------------------------------------------------------------------------------- machine
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name(cuda: bool) -> str:
+    import torch
+
+    raw = torch.cuda.get_device_name(0) if cuda else f"cpu-{_cpu_name()}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+
+
+def machine_description(cuda: bool) -> dict:
+    import torch
+
+    desc = dict(cpu=_cpu_name(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+
+        desc["triton"] = triton.__version__
+    except ImportError:
+        desc["triton"] = "none"
+    try:
+        from importlib.metadata import version
+
+        desc["liger_kernel"] = version("liger-kernel")
+    except Exception:  # noqa: BLE001 - not installed
+        desc["liger_kernel"] = "not installed"
+    try:
+        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        desc["ram_gib"] = round(mem_kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        desc["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    return desc
+
+
+# ------------------------------------------------------------------------------- the ops
+def _module(op: str):
+    if op == "logprob":
+        import bench_fused_linear_logprob as module
+    else:
+        import bench_preference_loss as module
+    return module
+
+
+def _inputs(op: str, case: dict):
+    import torch
+
+    module = _module(op)
+    dtype = getattr(torch, case["dtype"])
+    if op == "logprob":
+        return module.make_inputs(case["N"], case["H"], case["V"], dtype, case["device"])
+    return module.make_inputs(case["H"], case["V"], dtype, case["device"], case["prompt"])
+
+
+def _sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+# ------------------------------------------------------------------------------- workers
+def worker_time(spec: dict) -> dict:
+    module = _module(spec["op"])
+    case = spec["case"]
+    inputs = _inputs(spec["op"], case)
+    sync = _sync(case["device"])
+    providers = spec["providers"]
+    for provider in providers:  # warm-up: compilation, first-touch of buffers
+        module.run(provider, "fwd+bwd", inputs, sync)
+    times = {(p, m): [] for p in providers for m in spec["modes"]}
+    load_before = os.getloadavg()
+    for _ in range(spec["repeats"]):
+        for provider in providers:
+            for mode in spec["modes"]:
+                gc.collect()
+                times[(provider, mode)].append(module.run(provider, mode, inputs, sync))
+    load_after = os.getloadavg()
+    return dict(times={f"{p}|{m}": v for (p, m), v in times.items()},
+                load=[round(load_before[0], 2), round(load_after[0], 2)])
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker_memory(spec: dict) -> dict:
+    import torch
+
+    module = _module(spec["op"])
+    case = spec["case"]
+    provider = spec["provider"]
+    inputs = _inputs(spec["op"], case)
+    cuda = case["device"] == "cuda"
+    sync = _sync(case["device"])
+    fn = module.PROVIDERS[provider]
+    module.run(provider, "fwd+bwd", inputs, sync)  # warm-up
+    libc = ctypes.CDLL("libc.so.6") if not cuda else None
+    peaks = {}
+    for mode in ("fwd", "fwd+bwd"):
+        inputs["hidden"].grad = None
+        inputs["weight"].grad = None
+        gc.collect()
+        if cuda:
+            sync()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            libc.malloc_trim(0)
+            base = _status_kb("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        out = fn(**inputs)
+        if mode == "fwd+bwd":
+            out.backward()
+        sync()
+        peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
+        peaks[mode] = peak - base
+        del out
+    method = ("torch.cuda.max_memory_allocated above the allocated bytes before the call" if cuda else
+              "peak RSS (VmHWM, reset via /proc/self/clear_refs) above RSS before the call; "
+              "MALLOC_MMAP_THRESHOLD_=65536, malloc_trim before")
+    return dict(peaks=peaks, method=method)
+
+
+def _spawn(kind: str, spec: dict) -> dict:
+    env = dict(os.environ)
+    if kind == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker-{kind}", json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} {spec} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- driver
+def _cases(op: str, device: str, ns):
+    import torch
+
+    module = _module(op)
+    cfg = module.GPU_SET if device == "cuda" else module.CPU_SET
+    base = dict(H=cfg["H"], V=cfg["V"], dtype=str(cfg["dtype"]).replace("torch.", ""), device=device)
+    if op == "logprob":
+        return [dict(base, N=n) for n in (ns or cfg["Ns"])]
+    tokens = 2 * module.PAIRS * module.TOKENS
+    return [dict(base, prompt=p, N=tokens, pairs=module.PAIRS, tokens=module.TOKENS) for p in cfg["prompts"]]
+
+
+def run_op(op: str, device: str, ns, repeats: int, log) -> list[dict]:
+    module = _module(op)
+    rows = []
+    for case in _cases(op, device, ns):
+        providers, skipped = [], {}
+        for provider in module.PROVIDERS:
+            ok, why = module.available(provider, device)
+            (providers.append(provider) if ok else skipped.__setitem__(provider, why))
+        log(f"[{op}] {case} providers={providers} skipped={list(skipped)}")
+        timing = _spawn("time", dict(op=op, case=case, providers=providers, modes=list(module.MODES), repeats=repeats))
+        memory = {p: _spawn("memory", dict(op=op, case=case, provider=p)) for p in providers}
+        for provider in module.PROVIDERS:
+            for mode in module.MODES:
+                row = dict(op=op, **case, provider=provider, mode=mode)
+                if provider in skipped:
+                    row.update(status=f"skipped: {skipped[provider]}")
+                else:
+                    pairs = timing["times"][f"{provider}|{mode}"]
+                    ts, cs = [w for w, _ in pairs], [c for _, c in pairs]
+                    row.update(status="ok", time_min_s=round(min(ts), 4), time_median_s=round(statistics.median(ts), 4),
+                               cpu_min_s=round(min(cs), 4), cpu_median_s=round(statistics.median(cs), 4),
+                               repeats=len(ts), load_avg_1min=f"{timing['load'][0]}->{timing['load'][1]}")
+                    peak = memory[provider]["peaks"].get(mode)
+                    if peak is not None:
+                        row.update(peak_mem_mib=round(peak / 2**20, 1), mem_method=memory[provider]["method"])
+                rows.append(row)
+                log("   " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("mem_method", "op", "device")))
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]):
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(path: Path, rows: list[dict], op: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    xkey = "N" if op == "logprob" else "prompt"
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    panels = [("fwd", "time_min_s", "forward time (s)"), ("bwd", "time_min_s", "backward time (s)"),
+              ("fwd+bwd", "time_min_s", "forward + backward time (s)"), ("fwd+bwd", "peak_mem_mib", "peak memory fwd+bwd (MiB)")]
+    for ax, (mode, key, label) in zip(axes, panels):
+        for provider in providers:
+            pts = sorted((r[xkey], r[key]) for r in ok if r["provider"] == provider and r["mode"] == mode and key in r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set_xlabel("tokens N" if op == "logprob" else "prompt share (masked)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _targets(op: str, rows: list[dict]) -> list[str]:
+    get = {(r["provider"], r["mode"], r.get("N") if op == "logprob" else r.get("prompt")): r for r in rows if r["status"] == "ok"}
+    lines = []
+    keys = sorted({k[2] for k in get})
+    for key in keys:
+        fused = get.get(("fused", "fwd+bwd", key))
+        if op == "logprob":
+            eager = get.get(("eager", "fwd+bwd", key))
+            seq = get.get(("fused_seq", "fwd+bwd", key))
+            if seq and eager:
+                lines.append(f"logprob N={key}: fused_seq (recomputing backward)/eager peak memory "
+                             f"{seq['peak_mem_mib'] / eager['peak_mem_mib']:.3f}; time {seq['time_min_s'] / eager['time_min_s']:.2f}x "
+                             f"by min, {seq['time_median_s'] / eager['time_median_s']:.2f}x by median, "
+                             f"{seq['cpu_min_s'] / eager['cpu_min_s']:.2f}x by min CPU time")
+            if fused and eager:
+                mem = fused["peak_mem_mib"] / eager["peak_mem_mib"]
+                tme = fused["time_min_s"] / eager["time_min_s"]
+                tmed = fused["time_median_s"] / eager["time_median_s"]
+                lines.append(f"logprob N={key}: fused/eager peak memory {mem:.3f} (target <= 0.125: {'met' if mem <= 0.125 else 'NOT met'}); "
+                             f"time {tme:.2f}x by min, {tmed:.2f}x by median, {fused['cpu_min_s'] / eager['cpu_min_s']:.2f}x by min "
+                             f"CPU time (target <= 1.1: {'met' if tme <= 1.1 else 'NOT met'})")
+        else:
+            liger = get.get(("liger", "fwd+bwd", key))
+            if fused and liger:
+                tme = fused["time_min_s"] / liger["time_min_s"]
+                tmed = fused["time_median_s"] / liger["time_median_s"]
+                mem = fused["peak_mem_mib"] / liger["peak_mem_mib"]
+                lines.append(f"dpo prompt={key}: fused/liger time {tme:.2f}x by min, {tmed:.2f}x by median, "
+                             f"{fused['cpu_min_s'] / liger['cpu_min_s']:.2f}x by min CPU time (target <= 1: "
+                             f"{'met' if tme <= 1.0 else 'NOT met'}); peak memory {mem:.3f} (target <= 1: {'met' if mem <= 1 else 'NOT met'})")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--ops", default="logprob,dpo", help="comma list of: logprob, dpo")
+    parser.add_argument("--ns", default="", help="token counts for logprob (default: the set's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="", help="results folder (default benchmarks/results/<machine>)")
+    parser.add_argument("--worker-time", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker_time or args.worker_memory:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        result = worker_time(json.loads(args.worker_time)) if args.worker_time else worker_memory(json.loads(args.worker_memory))
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = "cuda" if cuda else "cpu"
+    out = Path(args.out) if args.out else RESULTS / machine_name(cuda)
+    out.mkdir(parents=True, exist_ok=True)
+    ns = [int(x) for x in args.ns.split(",") if x]
+    desc = machine_description(cuda)
+    desc.update(date=dt.datetime.now().isoformat(timespec="seconds"), device=device, repeats=args.repeats)
+    log_lines = [f"machine: {json.dumps(desc)}"]
+
+    def log(msg):
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    log(log_lines[0])
+    names = {"logprob": ("fused_linear_logprob", "fused_linear_logprob: sum of label log-probs"),
+             "dpo": ("preference_loss", f"DPO with reference model, {4} pairs x 512 tokens")}
+    summary = []
+    for op in [o for o in args.ops.split(",") if o]:
+        started = time.time()
+        rows = run_op(op, device, ns, args.repeats, log)
+        stem, title = names[op]
+        for row in rows:
+            row.update(machine=machine_name(cuda), cpu=desc["cpu"], cpu_cores=desc["cpu_cores"], torch=desc["torch"])
+        _write_csv(out / f"{stem}.csv", rows)
+        ok = [r for r in rows if r["status"] == "ok"]
+        case = ok[0] if ok else {}
+        _plot(out / f"{stem}.png", rows, op,
+              f"{title} | {device} {desc.get('gpu', desc['cpu'])}, {desc['cpu_cores']} cores, torch {desc['torch']} | "
+              f"H={case.get('H')} V={case.get('V')} {case.get('dtype')} | min of {args.repeats}")
+        summary += _targets(op, rows)
+        log(f"[{op}] done in {time.time() - started:.0f} s -> {out / (stem + '.csv')}")
+    for line in summary:
+        log(line)
+    (out / "fused_linear_kernels_machine.json").write_text(json.dumps(desc, indent=2) + "\n")
+    (out / "fused_linear_kernels_log.txt").write_text("\n".join(log_lines + ["", *summary]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
