@@ -22,8 +22,6 @@ from typing import Any, Mapping
 
 from tpo.registry import load_config
 
-from .config import TOP_LEVEL, own_keys
-
 METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
            ("mask/miou", "mask IoU")]
 
@@ -40,11 +38,11 @@ def reroot(value: Any, old: str, new: str) -> Any:
 
 
 def _run_config(run: Mapping[str, Any], data_root: str, synth_dir: Path) -> tuple[dict, str]:
-    path = run["config"]
-    cfg = load_config(path, run.get("cfg_options")).to_dict()
-    own = own_keys(path)
-    cfg = {k: v for k, v in cfg.items() if k in TOP_LEVEL or k in own or k == "stages"}
-    return reroot(cfg, data_root, str(synth_dir)), str(path)
+    from .stages import training_keys
+
+    path = str(run["config"])
+    cfg = training_keys(load_config(path, run.get("cfg_options")).to_dict(), path)
+    return reroot(cfg, data_root, str(synth_dir)), path
 
 
 def _train(name: str, cfg: dict, work_dir: Path, resume: bool) -> str:

@@ -36,6 +36,16 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def training_keys(cfg: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """``cfg`` without the names a ``_base_`` file brought in that are not
+    training keys (its ``vision_encoder = ...``, say); the file's own unknown
+    names stay, so that the config check reports them."""
+    from .config import TOP_LEVEL, own_keys
+
+    own = own_keys(source) if source else set(cfg)
+    return {k: v for k, v in cfg.items() if k in TOP_LEVEL or k in own or k == "stages"}
+
+
 def stage_configs(cfg: Mapping[str, Any], work_dir: str | os.PathLike) -> list[tuple[str, Path, dict]]:
     """``(name, work_dir, config)`` of each stage, ``load_from`` not yet set."""
     stages = cfg.get("stages")
@@ -63,15 +73,11 @@ def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: s
     ...], "final_checkpoint": ...}`` (also ``<work_dir>/stages.json``).
 
     Every stage's config is checked before the first one trains."""
-    from .config import TOP_LEVEL, own_keys, validate
+    from .config import validate
     from .trainer import Trainer
 
-    cfg = load_config(config, cfg_options).to_dict()
     source = str(config) if isinstance(config, (str, os.PathLike)) else None
-    # names a _base_ file brought in (its vision_encoder = ..., say) are not
-    # training keys; the file's own unknown names are still errors
-    own = own_keys(source) if source else set(cfg)
-    cfg = {k: v for k, v in cfg.items() if k in TOP_LEVEL or k in own or k == "stages"}
+    cfg = training_keys(load_config(config, cfg_options).to_dict(), source)
     stem = Path(str(config)).stem if isinstance(config, (str, os.PathLike)) else "stages"
     root = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / stem)
     plan = stage_configs(cfg, root)
