@@ -261,12 +261,15 @@ def _plot(path: Path, rows: list[dict], op: str, title: str):
     ok = [r for r in rows if r["status"] == "ok"]
     xkey = "N" if op == "logprob" else "prompt"
     providers = list(dict.fromkeys(r["provider"] for r in ok))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    panels = [("fwd", "time_min_s", "forward time (s)"), ("bwd", "time_min_s", "backward time (s)"),
-              ("fwd+bwd", "time_min_s", "forward + backward time (s)"), ("fwd+bwd", "peak_mem_mib", "peak memory fwd+bwd (MiB)")]
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    panels = [("fwd", "time_min_s", "forward, wall (s)"), ("bwd", "time_min_s", "backward, wall (s)"),
+              ("fwd+bwd", "time_min_s", "forward + backward, wall (s)"),
+              ("fwd+bwd", "cpu_min_s", "forward + backward, process CPU (s)"),
+              ("fwd+bwd", "peak_mem_mib", "peak memory fwd+bwd (MiB)")]
     for ax, (mode, key, label) in zip(axes, panels):
         for provider in providers:
-            pts = sorted((r[xkey], r[key]) for r in ok if r["provider"] == provider and r["mode"] == mode and key in r)
+            pts = sorted((float(r[xkey]), float(r[key])) for r in ok
+                         if r["provider"] == provider and r["mode"] == mode and r.get(key) not in (None, ""))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
         ax.set_xlabel("tokens N" if op == "logprob" else "prompt share (masked)")
@@ -278,6 +281,13 @@ def _plot(path: Path, rows: list[dict], op: str, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _title(title, device, desc, rows, repeats) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    case = ok[0] if ok else {}
+    return (f"{title} | {device} {desc.get('gpu', desc['cpu'])}, {desc['cpu_cores']} cores, torch {desc['torch']} | "
+            f"H={case.get('H')} V={case.get('V')} {case.get('dtype')} | min of {repeats}")
 
 
 def _targets(op: str, rows: list[dict]) -> list[str]:
@@ -320,6 +330,7 @@ def main(argv=None):
     parser.add_argument("--ns", default="", help="token counts for logprob (default: the set's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="", help="results folder (default benchmarks/results/<machine>)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots from the CSVs in the results folder")
     parser.add_argument("--worker-time", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -339,6 +350,16 @@ def main(argv=None):
     out = Path(args.out) if args.out else RESULTS / machine_name(cuda)
     out.mkdir(parents=True, exist_ok=True)
     ns = [int(x) for x in args.ns.split(",") if x]
+    names = {"logprob": ("fused_linear_logprob", "fused_linear_logprob: sum of label log-probs"),
+             "dpo": ("preference_loss", "DPO with reference model, 4 pairs x 512 tokens")}
+    if args.replot:
+        desc = json.loads((out / "fused_linear_kernels_machine.json").read_text())
+        for op in [o for o in args.ops.split(",") if o]:
+            stem, title = names[op]
+            with open(out / f"{stem}.csv", newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+            _plot(out / f"{stem}.png", rows, op, _title(title, device, desc, rows, desc.get("repeats")))
+        return
     desc = machine_description(cuda)
     desc.update(date=dt.datetime.now().isoformat(timespec="seconds"), device=device, repeats=args.repeats)
     log_lines = [f"machine: {json.dumps(desc)}"]
@@ -348,8 +369,6 @@ def main(argv=None):
         log_lines.append(msg)
 
     log(log_lines[0])
-    names = {"logprob": ("fused_linear_logprob", "fused_linear_logprob: sum of label log-probs"),
-             "dpo": ("preference_loss", f"DPO with reference model, {4} pairs x 512 tokens")}
     summary = []
     for op in [o for o in args.ops.split(",") if o]:
         started = time.time()
@@ -358,11 +377,7 @@ def main(argv=None):
         for row in rows:
             row.update(machine=machine_name(cuda), cpu=desc["cpu"], cpu_cores=desc["cpu_cores"], torch=desc["torch"])
         _write_csv(out / f"{stem}.csv", rows)
-        ok = [r for r in rows if r["status"] == "ok"]
-        case = ok[0] if ok else {}
-        _plot(out / f"{stem}.png", rows, op,
-              f"{title} | {device} {desc.get('gpu', desc['cpu'])}, {desc['cpu_cores']} cores, torch {desc['torch']} | "
-              f"H={case.get('H')} V={case.get('V')} {case.get('dtype')} | min of {args.repeats}")
+        _plot(out / f"{stem}.png", rows, op, _title(title, device, desc, rows, args.repeats))
         summary += _targets(op, rows)
         log(f"[{op}] done in {time.time() - started:.0f} s -> {out / (stem + '.csv')}")
     for line in summary:
