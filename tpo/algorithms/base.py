@@ -273,9 +273,8 @@ def check_component(registry, cfg: Mapping, key: str, source: str | None = None,
 
 # ---------------------------------------------------------------- helpers
 def media_masked_labels(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``labels`` with the media placeholder positions ignored (as the model does)."""
-    media = model.media_token_ids.to(input_ids.device)
-    return labels.masked_fill(torch.isin(input_ids, media), IGNORE_INDEX)
+    """``labels`` with the media placeholder positions ignored (the model's own rule)."""
+    return model.mask_media_labels(input_ids, labels)
 
 
 def count_label_tokens(model: nn.Module, batch: Mapping[str, Any]) -> int:

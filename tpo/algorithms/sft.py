@@ -7,12 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tpo.registry import ALGORITHMS, current_config_key
 
-from .base import IGNORE_INDEX, Algorithm, count_label_tokens, media_masked_labels, without_labels
+from .base import Algorithm, count_label_tokens
 
 LOGPROB_MODES = ("fused", "eager")
 
@@ -38,20 +37,17 @@ class SFT(Algorithm):
         if logprob not in LOGPROB_MODES:
             raise ValueError(f"{current_config_key('logprob')}: use one of {LOGPROB_MODES}, got {logprob!r}")
         self.logprob = logprob
+        if logprob == "eager":  # the model's LM loss through materialised logits
+            model.kernel_backend = "eager"
         self.max_new_tokens = int(max_new_tokens)
 
     def num_items(self, batch: dict[str, Any]) -> int:
         return count_label_tokens(self.model, batch)
 
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if self.logprob == "fused":
-            out = self.model(batch)
-            loss = out["loss"]
-            losses = dict(out.get("losses", {}))
-        else:
-            out = self.model(without_labels(batch))
-            loss = eager_lm_loss(self.model, out["hidden_states"], batch)
-            losses = {"lm": loss}
+        out = self.model(batch)
+        loss = out["loss"]
+        losses = dict(out.get("losses", {}))
         metrics = {f"losses/{name}": value.detach() for name, value in losses.items()}
         return {"loss": loss, **metrics}
 
@@ -94,14 +90,3 @@ class SFT(Algorithm):
                 "question_type": meta.get("question_type"),
             })
         return samples
-
-
-def eager_lm_loss(model: nn.Module, hidden: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """The LM loss from materialised logits: ``lm_head(hidden)`` then
-    ``F.cross_entropy`` (mean over the labelled tokens)."""
-    labels = media_masked_labels(model, batch["input_ids"], batch["labels"])[:, 1:]
-    head = model.llm.get_output_embeddings()
-    logits = head(hidden[:, :-1]).float()
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
