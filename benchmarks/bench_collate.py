@@ -24,12 +24,9 @@ and checks its batches.
 """
 from __future__ import annotations
 
-import csv
 import os
-import platform
-import re
-from pathlib import Path
 
+import benchkit
 import pytest
 import torch
 from tpo.registry import build_model
@@ -37,37 +34,14 @@ from tpo.registry import build_model
 from tpo.data import ConversationCollator, PreferenceCollator, SampleDataset, synthesize
 from tpo.data.collate import add_task_tokens
 
-RESULTS = Path(__file__).parent / "results"
 SCENES = 40
 BATCH = 8
 TASKS = ["region", "temporal", "mask", "track"]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_name() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"cpu-{_cpu_name()}-{os.cpu_count()}c".lower()).strip("-")
-
-
 @pytest.fixture(scope="module")
 def sink():
-    rows: list[dict] = []
-    yield rows
-    if rows:
-        folder = RESULTS / machine_name()
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "collate.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    yield from benchkit.csv_sink("collate.csv")  # CPU-bound work: the CPU's folder even where a GPU is
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +87,7 @@ def test_collate_throughput(benchmark, sink, setup, case, threads):
     rate = len(chosen) / seconds
     benchmark.extra_info.update(samples=len(chosen), samples_per_second=round(rate, 1))
     tokens = sum(int(o["attention_mask"].sum()) for o in outputs) / sum(o["input_ids"].shape[0] for o in outputs)
-    sink.append({"case": case, "cpu": _cpu_name(), "cpu_cores": os.cpu_count(),
+    sink.append({"case": case, "cpu": benchkit.cpu_name(), "cpu_cores": os.cpu_count(),
                  "torch_threads": threads or default_threads, "batch_size": BATCH, "samples": len(chosen),
                  "median_s": round(seconds, 4), "samples_per_second": round(rate, 1),
-                 "load_avg_1m": round(os.getloadavg()[0], 2), "mean_tokens_per_row": round(tokens, 1)})
+                 "load_avg_1m": benchkit.load_avg_1m(), "mean_tokens_per_row": round(tokens, 1)})

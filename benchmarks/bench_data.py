@@ -16,47 +16,21 @@ Without them (the default), each case runs once and checks the 1000/min target.
 """
 from __future__ import annotations
 
-import csv
 import os
-import platform
-import re
 import shutil
-from pathlib import Path
 
+import benchkit
 import pytest
 
 from tpo.data import SampleDataset, synthesize
 
-RESULTS = Path(__file__).parent / "results"
 TARGET_SAMPLES_PER_MINUTE = 1000
 SCENES = 200
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_name() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"cpu-{_cpu_name()}-{os.cpu_count()}c".lower()).strip("-")
-
-
 @pytest.fixture(scope="module")
 def sink():
-    rows: list[dict] = []
-    yield rows
-    if rows:
-        folder = RESULTS / machine_name()
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "data.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    yield from benchkit.csv_sink("data.csv")  # CPU-bound work: the CPU's folder even where a GPU is
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -76,7 +50,7 @@ def test_synth_throughput(benchmark, sink, tmp_path, workers):
     seconds = benchmark.stats.stats.median
     rate = samples / seconds
     benchmark.extra_info.update(samples=samples, samples_per_second=round(rate, 1))
-    sink.append(dict(case=f"synth[workers={workers}]", cpu=_cpu_name(), cpu_cores=os.cpu_count(), scenes=SCENES,
+    sink.append(dict(case=f"synth[workers={workers}]", cpu=benchkit.cpu_name(), cpu_cores=os.cpu_count(), scenes=SCENES,
                      items=samples, median_s=round(seconds, 4), items_per_second=round(rate, 1),
                      items_per_minute=round(60 * rate)))
     assert rate * 60 >= TARGET_SAMPLES_PER_MINUTE
@@ -96,6 +70,6 @@ def test_dataset_throughput(benchmark, sink, tmp_path):
     seconds = benchmark.stats.stats.median
     rate = len(ds) / seconds
     benchmark.extra_info.update(items=len(ds), items_per_second=round(rate, 1))
-    sink.append(dict(case="dataset[num_frames=4]", cpu=_cpu_name(), cpu_cores=os.cpu_count(), scenes=60,
+    sink.append(dict(case="dataset[num_frames=4]", cpu=benchkit.cpu_name(), cpu_cores=os.cpu_count(), scenes=60,
                      items=len(ds), median_s=round(seconds, 4), items_per_second=round(rate, 1),
                      items_per_minute=round(60 * rate)))

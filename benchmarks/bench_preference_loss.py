@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import benchkit
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,60 +99,14 @@ def available(provider: str, device: str) -> tuple[bool, str]:
     return True, ""
 
 
-def run(provider: str, mode: str, inputs: dict, sync=lambda: None) -> tuple[float, float]:
-    """One call; returns (wall seconds, process CPU seconds) of the part ``mode`` names
-    (forward, backward or both)."""
-    import time
-
-    fn = PROVIDERS[provider]
-    inputs["hidden"].grad = None
-    inputs["weight"].grad = None
-    sync()
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn(**inputs)
-    if mode == "fwd":
-        sync()
-        return time.perf_counter() - wall, time.process_time() - cpu
-    if mode == "bwd":
-        sync()
-        wall, cpu = time.perf_counter(), time.process_time()
-    out.backward()
-    sync()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def _cases(cfg):
     return [(provider, mode, prompt) for prompt in cfg["prompts"] for provider in PROVIDERS for mode in MODES]
 
 
 def _bench(benchmark, cfg, provider, mode, prompt):
-    ok, why = available(provider, cfg["device"])
-    if not ok:
-        pytest.skip(why)
-    inputs = make_inputs(cfg["H"], cfg["V"], cfg["dtype"], cfg["device"], prompt)
-    sync = torch.cuda.synchronize if cfg["device"] == "cuda" else (lambda: None)
-    fn = PROVIDERS[provider]
-    run(provider, "fwd+bwd", inputs, sync)  # warm-up (Triton compilation, torch.compile for Liger)
-
-    def setup():
-        inputs["hidden"].grad = inputs["weight"].grad = None
-        sync()
-        if mode == "bwd":  # the forward is not timed
-            out = fn(**inputs)
-            sync()
-            return (out,), {}
-        return (None,), {}
-
-    def target(out):
-        if mode != "bwd":
-            out = fn(**inputs)
-        if mode != "fwd":
-            out.backward()
-        sync()
-
-    benchmark.pedantic(target, setup=setup, rounds=3, warmup_rounds=0, iterations=1)
-    benchmark.extra_info.update(provider=provider, mode=mode, prompt=prompt, pairs=PAIRS, tokens=TOKENS,
-                                H=cfg["H"], V=cfg["V"], dtype=str(cfg["dtype"]))
+    benchkit.bench_provider(benchmark, PROVIDERS, available, provider, mode, cfg["device"],
+                            lambda: make_inputs(cfg["H"], cfg["V"], cfg["dtype"], cfg["device"], prompt),
+                            prompt=prompt, pairs=PAIRS, tokens=TOKENS, H=cfg["H"], V=cfg["V"], dtype=str(cfg["dtype"]))
 
 
 @pytest.mark.parametrize("provider,mode,prompt", _cases(CPU_SET))

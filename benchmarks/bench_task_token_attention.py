@@ -23,12 +23,9 @@ rows: device name, cores, torch and triton versions).
 """
 from __future__ import annotations
 
-import csv
 import os
-import platform
-import re
-from pathlib import Path
 
+import benchkit
 import pytest
 import torch
 
@@ -39,7 +36,6 @@ from tpo.kernels.task_token_attention import task_token_attention, task_token_at
 
 CUDA = torch.cuda.is_available()
 TARGET_FRACTION = 0.70
-RESULTS = Path(__file__).parent / "results"
 
 # (B, Hq, Hkv, K, N, D, kv_lengths as fractions of N)
 GPU_CASES = [
@@ -55,38 +51,13 @@ CPU_CASES = [
 
 
 # --------------------------------------------------------------------------------- machine
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_description() -> dict:
-    cores = os.cpu_count() or 1
     if CUDA:
-        props = torch.cuda.get_device_properties(0)
-        device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+        device = benchkit.gpu_description()
     else:
-        device = f"CPU {_cpu_name()}, {torch.get_num_threads()} torch threads"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover
-        triton_version = "none"
-    return dict(device=device, cpu=_cpu_name(), cpu_cores=cores, torch=torch.__version__, triton=triton_version)
-
-
-def machine_name() -> str:
-    if CUDA:
-        raw = torch.cuda.get_device_name(0)
-    else:
-        raw = f"cpu-{_cpu_name()}-{os.cpu_count()}c"
-    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+        device = f"CPU {benchkit.cpu_name()}, {torch.get_num_threads()} torch threads"
+    return dict(device=device, cpu=benchkit.cpu_name(), cpu_cores=os.cpu_count() or 1, torch=torch.__version__,
+                triton=benchkit.triton_version())
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -132,19 +103,8 @@ def copy_bandwidth():
 
 
 @pytest.fixture(scope="module")
-def sink(request):
-    rows: list[dict] = []
-    yield rows
-    if not rows:
-        return
-    folder = RESULTS / machine_name()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "task_token_attention.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {len(rows)} rows to {path}")
+def sink():
+    yield from benchkit.csv_sink("task_token_attention.csv", cuda=CUDA)
 
 
 def _inputs(B, Hq, Hkv, K, N, D, fractions, dtype, device, requires_grad):
@@ -204,7 +164,7 @@ def _run_case(benchmark, sink, copy_bandwidth, provider, mode, case, dtype, devi
     achieved = nbytes / seconds
     fraction = achieved / copy_bandwidth
     row = dict(
-        machine=machine_name(),
+        machine=benchkit.machine_name(CUDA),
         **machine_description(),
         provider=provider,
         mode=mode,

@@ -32,68 +32,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import datetime as dt
 import gc
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-
-# ------------------------------------------------------------------------------- machine
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_name(cuda: bool) -> str:
-    import torch
-
-    raw = torch.cuda.get_device_name(0) if cuda else f"cpu-{_cpu_name()}-{os.cpu_count()}c"
-    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
-
-
-def machine_description(cuda: bool) -> dict:
-    import torch
-
-    desc = dict(cpu=_cpu_name(), cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version())
-    try:
-        import triton
-
-        desc["triton"] = triton.__version__
-    except ImportError:
-        desc["triton"] = "none"
-    try:
-        from importlib.metadata import version
-
-        desc["liger_kernel"] = version("liger-kernel")
-    except Exception:  # noqa: BLE001 - not installed
-        desc["liger_kernel"] = "not installed"
-    try:
-        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
-        desc["ram_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
-        desc["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
-    return desc
+import benchkit  # noqa: E402
 
 
 # ------------------------------------------------------------------------------- the ops
@@ -115,72 +66,45 @@ def _inputs(op: str, case: dict):
     return module.make_inputs(case["H"], case["V"], dtype, case["device"], case["prompt"])
 
 
-def _sync(device: str):
-    import torch
-
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
 # ------------------------------------------------------------------------------- workers
 def worker_time(spec: dict) -> dict:
     module = _module(spec["op"])
     case = spec["case"]
     inputs = _inputs(spec["op"], case)
-    sync = _sync(case["device"])
+    sync = benchkit.synchronizer(case["device"])
     providers = spec["providers"]
     for provider in providers:  # warm-up: compilation, first-touch of buffers
-        module.run(provider, "fwd+bwd", inputs, sync)
+        benchkit.time_call(module.PROVIDERS[provider], "fwd+bwd", inputs, sync)
     times = {(p, m): [] for p in providers for m in spec["modes"]}
     load_before = os.getloadavg()
     for _ in range(spec["repeats"]):
         for provider in providers:
             for mode in spec["modes"]:
                 gc.collect()
-                times[(provider, mode)].append(module.run(provider, mode, inputs, sync))
+                times[(provider, mode)].append(benchkit.time_call(module.PROVIDERS[provider], mode, inputs, sync))
     load_after = os.getloadavg()
     return dict(times={f"{p}|{m}": v for (p, m), v in times.items()},
                 load=[round(load_before[0], 2), round(load_after[0], 2)])
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker_memory(spec: dict) -> dict:
-    import torch
-
     module = _module(spec["op"])
     case = spec["case"]
     provider = spec["provider"]
     inputs = _inputs(spec["op"], case)
     cuda = case["device"] == "cuda"
-    sync = _sync(case["device"])
+    sync = benchkit.synchronizer(case["device"])
     fn = module.PROVIDERS[provider]
-    module.run(provider, "fwd+bwd", inputs, sync)  # warm-up
-    libc = ctypes.CDLL("libc.so.6") if not cuda else None
+    benchkit.time_call(module.PROVIDERS[provider], "fwd+bwd", inputs, sync)  # warm-up
     peaks = {}
     for mode in ("fwd", "fwd+bwd"):
-        inputs["hidden"].grad = None
-        inputs["weight"].grad = None
-        gc.collect()
-        if cuda:
-            sync()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            libc.malloc_trim(0)
-            base = _status_kb("VmRSS") * 1024
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        benchkit.clear_grads(inputs)
+        base = benchkit.reset_peak(case["device"])  # CPU: malloc_trim, VmRSS, VmHWM reset through /proc/self/clear_refs
         out = fn(**inputs)
         if mode == "fwd+bwd":
             out.backward()
         sync()
-        peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
-        peaks[mode] = peak - base
+        peaks[mode] = benchkit.peak(case["device"]) - base
         del out
     method = ("torch.cuda.max_memory_allocated above the allocated bytes before the call" if cuda else
               "peak RSS (VmHWM, reset via /proc/self/clear_refs) above RSS before the call; "
@@ -189,20 +113,12 @@ def worker_memory(spec: dict) -> dict:
 
 
 def _spawn(kind: str, spec: dict) -> dict:
-    env = dict(os.environ)
-    if kind == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker-{kind}", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {kind} {spec} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if kind == "memory" else None
+    return benchkit.run_worker(Path(__file__), f"--worker-{kind}", spec, env)
 
 
 # ------------------------------------------------------------------------------- driver
 def _cases(op: str, device: str, ns):
-    import torch
-
     module = _module(op)
     cfg = module.GPU_SET if device == "cuda" else module.CPU_SET
     base = dict(H=cfg["H"], V=cfg["V"], dtype=str(cfg["dtype"]).replace("torch.", ""), device=device)
@@ -240,16 +156,6 @@ def run_op(op: str, device: str, ns, repeats: int, log) -> list[dict]:
                 rows.append(row)
                 log("   " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("mem_method", "op", "device")))
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict]):
-    fields = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _plot(path: Path, rows: list[dict], op: str, title: str):
@@ -290,6 +196,16 @@ def _title(title, device, desc, rows, repeats) -> str:
             f"H={case.get('H')} V={case.get('V')} {case.get('dtype')} | min of {repeats}")
 
 
+def _ratios(a: dict, b: dict) -> dict:
+    """Row ``a`` over row ``b``: peak memory, wall time by min and by median, CPU time by min."""
+    cols = {"mem": "peak_mem_mib", "min": "time_min_s", "median": "time_median_s", "cpu": "cpu_min_s"}
+    return {k: a[c] / b[c] for k, c in cols.items()}
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def _targets(op: str, rows: list[dict]) -> list[str]:
     get = {(r["provider"], r["mode"], r.get("N") if op == "logprob" else r.get("prompt")): r for r in rows if r["status"] == "ok"}
     lines = []
@@ -300,26 +216,21 @@ def _targets(op: str, rows: list[dict]) -> list[str]:
             eager = get.get(("eager", "fwd+bwd", key))
             seq = get.get(("fused_seq", "fwd+bwd", key))
             if seq and eager:
-                lines.append(f"logprob N={key}: fused_seq (recomputing backward)/eager peak memory "
-                             f"{seq['peak_mem_mib'] / eager['peak_mem_mib']:.3f}; time {seq['time_min_s'] / eager['time_min_s']:.2f}x "
-                             f"by min, {seq['time_median_s'] / eager['time_median_s']:.2f}x by median, "
-                             f"{seq['cpu_min_s'] / eager['cpu_min_s']:.2f}x by min CPU time")
+                r = _ratios(seq, eager)
+                lines.append(f"logprob N={key}: fused_seq (recomputing backward)/eager peak memory {r['mem']:.3f}; "
+                             f"time {r['min']:.2f}x by min, {r['median']:.2f}x by median, {r['cpu']:.2f}x by min CPU time")
             if fused and eager:
-                mem = fused["peak_mem_mib"] / eager["peak_mem_mib"]
-                tme = fused["time_min_s"] / eager["time_min_s"]
-                tmed = fused["time_median_s"] / eager["time_median_s"]
-                lines.append(f"logprob N={key}: fused/eager peak memory {mem:.3f} (target <= 0.125: {'met' if mem <= 0.125 else 'NOT met'}); "
-                             f"time {tme:.2f}x by min, {tmed:.2f}x by median, {fused['cpu_min_s'] / eager['cpu_min_s']:.2f}x by min "
-                             f"CPU time (target <= 1.1: {'met' if tme <= 1.1 else 'NOT met'})")
+                r = _ratios(fused, eager)
+                lines.append(f"logprob N={key}: fused/eager peak memory {r['mem']:.3f} (target <= 0.125: "
+                             f"{_met(r['mem'] <= 0.125)}); time {r['min']:.2f}x by min, {r['median']:.2f}x by median, "
+                             f"{r['cpu']:.2f}x by min CPU time (target <= 1.1: {_met(r['min'] <= 1.1)})")
         else:
             liger = get.get(("liger", "fwd+bwd", key))
             if fused and liger:
-                tme = fused["time_min_s"] / liger["time_min_s"]
-                tmed = fused["time_median_s"] / liger["time_median_s"]
-                mem = fused["peak_mem_mib"] / liger["peak_mem_mib"]
-                lines.append(f"dpo prompt={key}: fused/liger time {tme:.2f}x by min, {tmed:.2f}x by median, "
-                             f"{fused['cpu_min_s'] / liger['cpu_min_s']:.2f}x by min CPU time (target <= 1: "
-                             f"{'met' if tme <= 1.0 else 'NOT met'}); peak memory {mem:.3f} (target <= 1: {'met' if mem <= 1 else 'NOT met'})")
+                r = _ratios(fused, liger)
+                lines.append(f"dpo prompt={key}: fused/liger time {r['min']:.2f}x by min, {r['median']:.2f}x by median, "
+                             f"{r['cpu']:.2f}x by min CPU time (target <= 1: {_met(r['min'] <= 1.0)}); "
+                             f"peak memory {r['mem']:.3f} (target <= 1: {_met(r['mem'] <= 1)})")
     return lines
 
 
@@ -347,7 +258,7 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = "cuda" if cuda else "cpu"
-    out = Path(args.out) if args.out else RESULTS / machine_name(cuda)
+    out = Path(args.out) if args.out else benchkit.RESULTS / benchkit.machine_name(cuda)
     out.mkdir(parents=True, exist_ok=True)
     ns = [int(x) for x in args.ns.split(",") if x]
     names = {"logprob": ("fused_linear_logprob", "fused_linear_logprob: sum of label log-probs"),
@@ -360,7 +271,7 @@ def main(argv=None):
                 rows = list(csv.DictReader(handle))
             _plot(out / f"{stem}.png", rows, op, _title(title, device, desc, rows, desc.get("repeats")))
         return
-    desc = machine_description(cuda)
+    desc = benchkit.machine_description(cuda)
     desc.update(date=dt.datetime.now().isoformat(timespec="seconds"), device=device, repeats=args.repeats)
     log_lines = [f"machine: {json.dumps(desc)}"]
 
@@ -375,8 +286,9 @@ def main(argv=None):
         rows = run_op(op, device, ns, args.repeats, log)
         stem, title = names[op]
         for row in rows:
-            row.update(machine=machine_name(cuda), cpu=desc["cpu"], cpu_cores=desc["cpu_cores"], torch=desc["torch"])
-        _write_csv(out / f"{stem}.csv", rows)
+            row.update(machine=benchkit.machine_name(cuda), cpu=desc["cpu"], cpu_cores=desc["cpu_cores"],
+                       torch=desc["torch"])
+        benchkit.write_csv(out / f"{stem}.csv", rows)
         _plot(out / f"{stem}.png", rows, op, _title(title, device, desc, rows, args.repeats))
         summary += _targets(op, rows)
         log(f"[{op}] done in {time.time() - started:.0f} s -> {out / (stem + '.csv')}")
