@@ -51,3 +51,17 @@ def test_eval_batches_cover_the_set_once():
     shards = [list(EvalSampler(11, 3, num_processes=2, process_index=r)) for r in range(2)]
     assert sorted(i for s in shards for b in s for i in b) == list(range(11))
     assert len(list(EvalSampler(11, 3, max_batches=2))) == 2
+
+
+def test_even_eval_batches_pad_the_short_processes():
+    """Sharded parameters: every process runs as many batches; the ones past
+    ``num_own_batches`` are padding, and the real ones still cover the set once."""
+    for n, world in ((11, 2), (11, 3), (3, 4), (0, 2)):
+        shards = [EvalSampler(n, 3, num_processes=world, process_index=r, even=True) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-(-(-n // 3)) // world)
+        real = [b for s in shards for b in list(s)[: s.num_own_batches]]
+        assert sorted(i for b in real for i in b) == list(range(n))
+        for s in shards:
+            assert all(len(b) > 0 for b in s)  # padding repeats a real batch
+        uneven = [EvalSampler(n, 3, num_processes=world, process_index=r) for r in range(world)]
+        assert [list(u) for u in uneven] == [list(s)[: s.num_own_batches] for s in shards]

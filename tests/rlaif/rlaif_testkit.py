@@ -43,3 +43,27 @@ def save_weights(model, path) -> str:
 
     save_model(model, str(path))
     return str(path)
+
+
+def run_torchrun(script: str, nproc: int = 2, timeout: float = 600) -> str:
+    """Run ``script`` (a Python file) on ``nproc`` CPU processes with
+    torchrun (gloo); returns the output, or fails the test with its tail."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to the Python interpreter")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [str(torchrun), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
+           script]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout

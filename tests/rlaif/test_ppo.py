@@ -195,8 +195,100 @@ def test_resume_through_the_engine_is_exact(synth, rm_checkpoint, tmp_path):
     sa = torch.load(a / "algorithm_state.pt", weights_only=True)
     sb = torch.load(b / "algorithm_state.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
-    wa_, wb_ = sa["_extra_state"]["window"], sb["_extra_state"]["window"]
+    assert "_extra_state" not in sa  # the rollouts are per-process state, not the weights'
+    wa_ = torch.load(a / "process_state_0.pt", weights_only=True)["window"]
+    wb_ = torch.load(b / "process_state_0.pt", weights_only=True)["window"]
     assert len(wa_) == len(wb_) == 1 and torch.equal(wa_[0]["response"], wb_[0]["response"])
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines if json.loads(line)["split"] == "train"]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
+
+
+PPO_DRIVER = """
+import json, sys
+sys.path.insert(0, {kit!r})
+from rlaif_testkit import PPO_CONFIG
+from tpo.algorithms.ppo import PPO
+from tpo.engine import train
+
+opts = json.loads({opts!r})
+train(PPO_CONFIG, cfg_options=opts, work_dir={full!r})
+
+
+class Stop(Exception):
+    pass
+
+
+original = PPO.on_step
+
+
+def crash(self, step, total):
+    if step == {crash_at}:
+        raise Stop("killed")
+    return original(self, step, total)
+
+
+PPO.on_step = crash  # killed before step {crash_at} + 1, on every process
+try:
+    train(PPO_CONFIG, cfg_options=opts, work_dir={cut!r})
+except Stop:
+    pass
+else:
+    raise SystemExit("the run was not stopped")
+PPO.on_step = original
+train(PPO_CONFIG, cfg_options=opts, work_dir={cut!r}, resume=True)
+"""
+
+
+def test_two_process_resume_is_exact(synth, rm_checkpoint, tmp_path):
+    """Two processes (gloo), two micro-batches each per step, PPO epochs over
+    a window of rollouts: 4 steps straight, or killed during step 4 and
+    resumed from the checkpoint of step 2: the same per-step losses, weights
+    and each process's rollout window. Each process keeps rollouts of its own
+    prompts, so the window is saved per process."""
+    from pathlib import Path
+
+    from rlaif_testkit import run_torchrun
+    from safetensors.torch import load_file
+
+    opts = {**QUIET, "load_from": None, "model.num_frames": NUM_FRAMES,
+            "algorithm.reward_model.checkpoint": rm_checkpoint,
+            "algorithm.reward_model.cfg_options": {"model.num_frames": NUM_FRAMES},
+            "algorithm.max_new_tokens": 4, "algorithm.ppo_epochs": 2,
+            "algorithm.adaptive_kl": {"_delete_": True, "target": 0.01, "horizon": 100},
+            "train.batch_size": 4, "train.micro_batch_size": 1, "train.max_steps": 4,
+            "data.train.ann_file": str(synth / "val.jsonl"), "data.val": None, "evaluation.metrics": [],
+            "checkpoint.interval": 2, "checkpoint.keep_last": None, "optim.lr": 1e-3, "train.log_interval": 1}
+    script = tmp_path / "driver.py"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    script.write_text(PPO_DRIVER.format(kit=str(Path(__file__).resolve().parent), opts=json.dumps(opts),
+                                        full=str(full), cut=str(cut), crash_at=3))
+    run_torchrun(str(script))
+
+    def train_records(work):
+        rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["split"] == "train"]
+
+    a, b = train_records(full), train_records(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # step 3 of the killed run replaced, not repeated
+    for ra, rb in zip(a, b):
+        for key in ("loss", "objective/kl", "objective/kl_coef", "rollouts/in_update"):
+            assert rb[key] == ra[key], (ra["step"], key)
+    ca, cb = full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004"
+    state = json.loads((cb / "trainer_state.json").read_text())
+    assert (state["num_processes"], state["grad_accum"]) == (2, 2)
+    wa, wb = load_file(str(ca / "model.safetensors")), load_file(str(cb / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa = torch.load(ca / "algorithm_state.pt", weights_only=True)
+    sb = torch.load(cb / "algorithm_state.pt", weights_only=True)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    windows = []
+    for rank in (0, 1):
+        pa = torch.load(ca / f"process_state_{rank}.pt", weights_only=True)
+        pb = torch.load(cb / f"process_state_{rank}.pt", weights_only=True)
+        assert len(pa["window"]) == len(pb["window"]) == 2  # one batch of rollouts per accumulation slot
+        for x, y in zip(pa["window"], pb["window"]):
+            assert x["ids"] == y["ids"] and torch.equal(x["response"], y["response"])
+            assert torch.equal(x["advantages"], y["advantages"])
+        windows.append([c["ids"] for c in pa["window"]])
+    assert windows[0] != windows[1]  # each process trains on its own prompts

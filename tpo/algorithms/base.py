@@ -23,6 +23,12 @@ out of the module tree.
 * ``evaluate(batch)``: the validation pass of one batch: metrics plus the
   data samples that the configured ``METRICS`` consume.
 * ``on_step(step, total_steps)``: called before each optimiser step.
+* ``process_state()`` / ``load_process_state(state)``: what one process
+  keeps for itself across steps and is not a parameter or buffer (PPO's
+  rollouts still to be trained on: each process has its own). The engine
+  saves it per process with every checkpoint (``process_state_<rank>.pt``)
+  and hands it back to the same process on resume. Tensors, lists, dicts and
+  numbers only (loaded with ``weights_only=True``).
 """
 from __future__ import annotations
 
@@ -137,6 +143,14 @@ class Algorithm(nn.Module):
 
     def setup(self, context: SetupContext) -> None:
         """One-off work before training; the model is still as initialised."""
+
+    def process_state(self) -> Any:
+        """This process's own state for a checkpoint (``None``: none)."""
+        return None
+
+    def load_process_state(self, state: Any) -> None:
+        """Restore what :meth:`process_state` returned in the checkpointed run."""
+        raise NotImplementedError(f"{type(self).__name__} saved a per-process state but cannot load it")
 
     def param_groups(self, optim_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Named parameter groups of the model (see :func:`group_parameters`)."""

@@ -26,9 +26,15 @@ a step is the mean over the rollouts of the current step and of the
 ``ppo_epochs - 1`` steps before it (the same accumulation slot), each against
 the log-probs and values it was sampled with, so each rollout gets
 ``ppo_epochs`` clipped updates from a policy that moves between them, as in
-PPO's inner epochs. The rollouts still in use are part of the algorithm's
-state: a checkpoint holds them (with the adaptive KL coefficient), and a
-resumed run continues exactly where it stopped.
+PPO's inner epochs. The rollouts still in use are each process's own: a
+checkpoint holds them per process (``process_state_<rank>.pt``; the adaptive
+KL coefficient is a buffer, saved with the weights), and a run resumed on
+the same number of processes continues exactly where it stopped.
+
+The adaptive KL controller moves the coefficient by the KL of each
+micro-batch summed over all processes, so every process keeps the same
+coefficient. Under sharded parameters (FSDP, ZeRO-3) generation runs
+``synced_gpus``: every process takes ``max_new_tokens`` forward passes.
 
 Rollouts (log-probs, values) are computed in eval mode, as generation runs;
 the updates in train mode: a model with dropout then sees a ratio away from 1
@@ -295,6 +301,8 @@ class PPO(Algorithm):
         policy.eval()
         try:
             kwargs = {} if greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+            if _sharded(policy):  # every process runs max_new_tokens forward passes (each one a collective)
+                kwargs["synced_gpus"] = True
             new = policy.generate(batch["input_ids"], batch["attention_mask"], media=batch["media"],
                                   max_new_tokens=max_new_tokens, ids=batch.get("ids"), **kwargs)
         finally:
@@ -371,7 +379,10 @@ class PPO(Algorithm):
         if qa is not None:
             stats["objective/qa_accuracy"] = qa
         if self.kl_ctl is not None:
-            new = self.kl_ctl.update(coef, float(kl_seq.mean()), int(response.shape[0]))
+            # the KL of this micro-batch on every process: all processes move the coefficient alike
+            total = _all_processes_sum(torch.stack([kl_seq.sum().double(), torch.tensor(
+                float(kl_seq.numel()), dtype=torch.float64, device=kl_seq.device)]))
+            new = self.kl_ctl.update(coef, float(total[0] / total[1]), int(total[1]))
             self.kl_coef.fill_(new)
         return {"input_ids": seq["input_ids"], "attention_mask": seq["attention_mask"], "media": seq["media"],
                 "ids": list(seq["ids"]) if seq["ids"] is not None else None, "prompt_len": prompt_len,
@@ -424,8 +435,9 @@ class PPO(Algorithm):
         return {"loss": total_loss, **stats, **sums, "rollouts/in_update": torch.tensor(float(sum(rows)))}
 
     # -------------------------------------------------------- checkpointing
-    def get_extra_state(self) -> dict[str, Any]:
-        """The rollouts still in use (CPU tensors), saved with the checkpoint."""
+    def process_state(self) -> dict[str, Any]:
+        """The rollouts still in use (CPU tensors) and the accumulation slot:
+        each process has its own, saved per process with the checkpoint."""
         def cpu(v):
             if torch.is_tensor(v):
                 return v.detach().cpu()
@@ -435,7 +447,7 @@ class PPO(Algorithm):
 
         return {"window": [{k: cpu(v) for k, v in c.items()} for c in self._window], "slot": self._slot}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def load_process_state(self, state: dict[str, Any]) -> None:
         device = next(self.model.parameters()).device
 
         def dev(v):
@@ -484,6 +496,29 @@ class PPO(Algorithm):
                                f"reward model{_where(source)}")
             if spec is not None:
                 _check_model_spec(spec, f"{key}.{name}", _where(source))
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _all_processes_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over all processes (itself in one process)."""
+    if _distributed():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are sharded across processes (FSDP2
+    DTensors, DeepSpeed ZeRO-3)."""
+    if not _distributed():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _check_options(cfg: Mapping[str, Any], name, where: str = "") -> None:

@@ -7,8 +7,12 @@ and accelerate's step counter; FSDP/DeepSpeed shards in their own formats),
 the model's weights as ``model.safetensors`` under the model's own parameter
 names (what ``tpo chat --checkpoint`` and ``load_from`` read), the
 algorithm's other state (``algorithm_state.pt``: a loss's running
-statistics, ...), and ``trainer_state.json`` (step, epoch, position in the
-epoch, ...).
+statistics, ...), what each process of the algorithm keeps for itself
+(``process_state_<rank>.pt``, one file per process: PPO's rollouts still to
+be trained on), and ``trainer_state.json`` (step, epoch, position in the
+epoch, ...). Under FSDP the model is also gathered into ``model.safetensors``
+(next to accelerate's sharded files), so any run, of any number of
+processes, can load it.
 
 Atomicity: everything is written into ``.tmp-step_<step>``, every file and the
 folder are fsynced, and only then is the folder renamed to ``step_<step>`` (a
@@ -32,6 +36,7 @@ from torch import nn
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 ALGORITHM_STATE_FILE = "algorithm_state.pt"
+PROCESS_STATE_FILE = "process_state_{rank}.pt"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -108,9 +113,10 @@ def prune(root: str | os.PathLike, keep_last: int | None) -> list[Path]:
 
 
 def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict[str, Any],
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, process_state: Any = None) -> Path:
     """Save the whole training state for ``step`` atomically; every process
-    calls this. Returns the checkpoint folder."""
+    calls this, each with its own ``process_state`` (``None``: nothing of its
+    own). Returns the checkpoint folder."""
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -120,6 +126,8 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if process_state is not None:
+        torch.save(process_state, tmp / PROCESS_STATE_FILE.format(rank=accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, state)
@@ -158,17 +166,73 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def load_process_state(path: str | os.PathLike, process_index: int, num_processes: int,
+                       saved_processes: int) -> Any:
+    """This process's own algorithm state from the checkpoint ``path``, or
+    ``None`` when the checkpoint holds none; an error when it was written by
+    another number of processes (that state cannot be dealt out again)."""
+    path = Path(path)
+    files = sorted(path.glob(PROCESS_STATE_FILE.format(rank="*")))
+    if not files:
+        return None
+    if saved_processes != num_processes:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds the algorithm's per-process state of {saved_processes} process(es) "
+            f"(e.g. PPO's rollouts still to be trained on), but this run has {num_processes}; resume it with "
+            f"{saved_processes} process(es)"
+        )
+    own = path / PROCESS_STATE_FILE.format(rank=process_index)
+    if not own.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: {own.name} is missing")
+    return torch.load(own, map_location="cpu", weights_only=True)
+
+
+def _distinct_names(module: nn.Module) -> set[str]:
+    """The state-dict names of ``module`` with tied tensors named once (the
+    first name), as safetensors' ``save_model`` keeps them."""
+    seen, names = set(), set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        names.add(name)
+    return names
+
+
+def write_model_files(algorithm: nn.Module, state_dict: dict[str, torch.Tensor], output_dir) -> None:
+    """``model.safetensors`` (``algorithm.model``'s weights under its own
+    names) and ``algorithm_state.pt`` (the rest) from a full state dict of the
+    algorithm (FSDP: gathered on the main process)."""
+    from safetensors.torch import save_file
+
+    keep = _distinct_names(algorithm.model)
+    weights = {k[len("model."):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
+               if k.startswith("model.") and k[len("model."):] in keep}
+    save_file(weights, os.path.join(output_dir, MODEL_FILE), metadata={"format": "pt"})
+    extra = {k: v for k, v in state_dict.items() if not k.startswith("model.")}
+    torch.save(extra, os.path.join(output_dir, ALGORITHM_STATE_FILE))
+
+
 def register_model_hooks(accelerator, algorithm: nn.Module) -> None:
     """Make ``save_state``/``load_state`` write and read ``algorithm.model``'s
     weights as ``model.safetensors`` under the model's own names (plus the
     algorithm's other state in ``algorithm_state.pt``), rather than under the
-    algorithm's ``model.`` prefix. FSDP and DeepSpeed keep their own formats."""
+    algorithm's ``model.`` prefix. FSDP saves and loads its own sharded files;
+    ``model.safetensors`` is written next to them from the gathered weights.
+    DeepSpeed keeps its own format."""
+    from accelerate.utils import DistributedType
 
     def owns(wrapped) -> bool:
         return accelerator.unwrap_model(wrapped) is algorithm
 
     def save_hook(models, weights, output_dir):
         if len(weights) != len(models):  # FSDP / DeepSpeed: saved their own way
+            if accelerator.distributed_type == DistributedType.FSDP:
+                for m in models:
+                    if owns(m):
+                        full = accelerator.get_state_dict(m)  # a collective: the full weights on the main process
+                        if accelerator.is_main_process:
+                            write_model_files(algorithm, full, output_dir)
             return
         for i in reversed(range(len(models))):
             if not owns(models[i]):

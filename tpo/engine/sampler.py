@@ -96,18 +96,31 @@ class StepBatchSampler(Sampler[list[int]]):
 class EvalSampler(Sampler[list[int]]):
     """Evaluation batches: the dataset in order, ``batch_size`` per batch, the
     batches dealt round-robin to the processes (the last may be short); at most
-    ``max_batches`` batches in all when given."""
+    ``max_batches`` batches in all when given.
+
+    ``even=True`` (sharded parameters: FSDP, ZeRO-3, where every forward pass
+    is a collective) gives every process the same number of batches: a
+    process with fewer batches of its own repeats its last one (or the first
+    batch of the set when it has none); the batches from ``num_own_batches``
+    on are such padding, for the caller to leave out of the results.
+    """
 
     def __init__(self, num_samples: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, even: bool = False):
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.num_processes, self.process_index = int(num_processes), int(process_index)
         total = -(-self.num_samples // self.batch_size)
         self.num_batches = total if max_batches is None else min(total, int(max_batches))
+        self.own = list(range(self.process_index, self.num_batches, self.num_processes))
+        self.num_own_batches = len(self.own)
+        per_process = -(-self.num_batches // self.num_processes) if even else self.num_own_batches
+        self.order = self.own + [self.own[-1] if self.own else 0] * (per_process - self.num_own_batches)
+        if self.num_batches == 0:
+            self.order = []
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.process_index, self.num_batches, self.num_processes):
+        for b in self.order:
             yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)))
 
     def __len__(self) -> int:
-        return len(range(self.process_index, self.num_batches, self.num_processes))
+        return len(self.order)

@@ -90,6 +90,69 @@ def _fingerprint(cfg: Mapping[str, Any], train_ds, val_ds) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _fsdp_on_cpu(acc, plugin) -> None:
+    """Turn on accelerate's own FSDP2 path for processes on CPU (gloo).
+
+    accelerate 1.15 sets ``DistributedType.FSDP`` (and keeps the plugin) only
+    when the processes run on an accelerator device (``AcceleratorState``
+    switches MULTI_GPU, MULTI_XPU, ... to FSDP, never MULTI_CPU): on CPU it
+    drops the FSDP config without a word and wraps the model in DDP. FSDP2's
+    ``fully_shard`` itself runs on CPU over gloo, so complete the state the
+    way accelerate does for a GPU; everything after (``prepare``, gradient
+    sync, clipping, sharded ``save_state``/``load_state``) is accelerate's.
+    FSDP1 does not run on CPU (torch rejects accelerate's ``device_id``
+    ``cpu:0`` for the compute device ``cpu``).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"FSDP on CPU: fsdp_version {plugin.fsdp_version} (FSDP1) cannot run on CPU processes (torch's FSDP1 "
+            "rejects the CPU device); set `fsdp_version: 2` in the accelerate config (or FSDP_VERSION=2)"
+        )
+    state = acc.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what a later AcceleratorState() reads
+
+
+def is_sharded(acc) -> bool:
+    """Whether the parameters are sharded across processes (FSDP, DeepSpeed
+    ZeRO-3): every process must then run the same forward passes."""
+    from accelerate.utils import DistributedType
+
+    if acc.num_processes < 2:
+        return False
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return acc.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+@contextlib.contextmanager
+def gathered_parameters(acc, module):
+    """The root FSDP2 unit's parameters gathered for calls that do not go
+    through ``forward`` (evaluation calls the algorithm's methods): inner
+    units gather their own when they run."""
+    unshard = getattr(module, "unshard", None) if acc.is_fsdp2 else None
+    if unshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 class Trainer:
     """Trains ``algorithm(model)`` on ``data`` as a config says.
 
@@ -122,7 +185,7 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def _accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
         train = self.cfg["train"]
         # without any accelerator device, say so: accelerate then runs torchrun's processes as MULTI_CPU (gloo)
@@ -133,13 +196,29 @@ class Trainer:
                           find_unused_parameters=train["find_unused_parameters"])])
         if train["mixed_precision"] is not None:
             kwargs["mixed_precision"] = train["mixed_precision"]
+        fsdp = None
+        if _env_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch` with an FSDP config (or its FSDP_* variables)
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            fsdp = kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()
         if not torch.distributed.is_initialized():
             # one process: let a second run in this process (a notebook, tests) choose its own settings
             from accelerate.state import AcceleratorState, GradientState
 
             AcceleratorState._reset_state()
             GradientState._reset_state()
-        return Accelerator(**kwargs)
+        acc = Accelerator(**kwargs)
+        if acc.distributed_type == DistributedType.MULTI_CPU:
+            if fsdp is not None:
+                _fsdp_on_cpu(acc, fsdp)
+            elif _env_flag("ACCELERATE_USE_DEEPSPEED"):
+                raise RuntimeError(
+                    "DeepSpeed was asked for (ACCELERATE_USE_DEEPSPEED=true, an `accelerate launch` DeepSpeed config), "
+                    "but the processes run on CPU, where accelerate (<= 1.15) does not set DeepSpeed up: with "
+                    "Accelerator(cpu=True) it trains with DDP instead, and without cpu=True it reports one process "
+                    "on every rank. Launch on GPUs, or use FSDP (fsdp_version: 2) or plain DDP on CPU"
+                )
+        return acc
 
     def _batch_geometry(self, world: int) -> tuple[int, int]:
         """(micro-batch size per process, accumulation steps)."""
@@ -241,6 +320,9 @@ class Trainer:
                     f"with {state['global_batch_size']}; resuming needs the same global batch"
                 )
             step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+            own = ckpt.load_process_state(resume_path, rank, world, state.get("num_processes", 1))
+            if own is not None:
+                algo.load_process_state(own)
             # the rates of the next step under this run's schedule (max_steps may have grown since the save)
             for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
@@ -267,7 +349,8 @@ class Trainer:
                      "steps_per_epoch": steps_per_epoch, "global_batch_size": train["batch_size"],
                      "micro_batch_size": micro, "grad_accum": accum, "num_processes": world, "seed": seed,
                      "samples_seen": at * train["batch_size"], "time": time.time()}
-            return str(ckpt.save_checkpoint(acc, ckpt_root, at, state, ckpt_cfg["keep_last"]))
+            return str(ckpt.save_checkpoint(acc, ckpt_root, at, state, ckpt_cfg["keep_last"],
+                                            process_state=algo.process_state()))
 
         try:
             while step < total:
@@ -396,8 +479,9 @@ class Trainer:
         from accelerate.utils import gather_object, send_to_device
 
         predict = bool(metrics)
+        # sharded parameters: every process runs the same number of batches (the padding ones are not counted)
         sampler = EvalSampler(len(dataset), batch_size, acc.num_processes, acc.process_index,
-                              eval_cfg["max_batches"])
+                              eval_cfg["max_batches"], even=is_sharded(acc))
 
         def collate_with_items(items):
             batch = collate(items)
@@ -411,13 +495,15 @@ class Trainer:
         samples: list[dict] = []
         was_training = algo.training
         algo.eval()
-        with preserved_rng(), torch.no_grad(), acc.autocast():
-            for batch in loader:
+        with preserved_rng(), torch.no_grad(), acc.autocast(), gathered_parameters(acc, algo):
+            for k, batch in enumerate(loader):
                 items = batch.pop("items", None)
                 batch = send_to_device(batch, acc.device)
                 if items is not None:
                     batch["items"] = items
                 out = algo.evaluate(batch, predict=predict)
+                if k >= sampler.num_own_batches:  # a padding batch of an even split
+                    continue
                 n = int(out["num_items"])
                 for key, value in out["metrics"].items():
                     entry = sums.setdefault(key, [0.0, 0.0])
