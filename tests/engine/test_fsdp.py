@@ -1,27 +1,14 @@
 """FSDP2 on two CPU processes (gloo), launched with `accelerate launch` and
 an accelerate FSDP config: the same loss curve as one process with the same
-global batch, an exact resume from a sharded checkpoint, and a
-``model.safetensors`` that a one-process model loads.
+global batch, an exact resume from accelerate's sharded checkpoint, and a
+gathered ``model.safetensors`` that a one-process model loads.
 
 accelerate (1.15) leaves CPU processes on DDP even with an FSDP config; the
-trainer turns its FSDP2 path on (see ``tpo.engine.trainer._fsdp_on_cpu``),
-and this test checks the model really is sharded (``fully_shard`` units,
-DTensor parameters)."""
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+trainer turns its FSDP2 path on (``tpo.engine.trainer._fsdp_on_cpu``), and
+this test checks the model really is sharded: the root and both decoder
+layers are ``fully_shard`` units, every parameter a DTensor."""
+from launch_testkit import launch_and_compare
 
-import pytest
-import torch
-from engine_testkit import losses_of, model_config, qa_items, train_config
-from safetensors.torch import load_file
-
-from tpo.engine import Trainer
-
-KIT = Path(__file__).resolve().parent
 FSDP_CONFIG = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
@@ -40,125 +27,10 @@ fsdp_config:
   fsdp_reshard_after_forward: true
   fsdp_cpu_ram_efficient_loading: false
 """
-DRIVER = """
-import json, sys
-sys.path.insert(0, {kit!r})
-from engine_testkit import qa_items, train_config
-from tpo.algorithms.sft import SFT
-from tpo.engine import Trainer
-
-def run(work_dir, resume=False):
-    cfg = train_config(work_dir, train={train!r}, checkpoint={{"interval": 2, "keep_last": 3, "save_final": True}},
-                       evaluation={{"at_end": True}})
-    trainer = Trainer(cfg, train_dataset=qa_items(16), val_dataset=qa_items(5, seed=1, prefix="v"), resume=resume)
-    trainer.fit()
-    return trainer
-
-trainer = run({full!r})
-acc, algo = trainer.accelerator, trainer.accelerator._models[0]
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-layers = [m for m in algo.modules() if isinstance(m, FSDPModule)]
-facts = dict(distributed_type=str(acc.distributed_type), units=len(layers),
-             dtensors=all(isinstance(p, DTensor) for p in algo.parameters()))
-if acc.is_main_process:
-    print("FACTS " + json.dumps(facts), flush=True)
-
-
-class Stop(Exception):
-    pass
-
-
-original = SFT.on_step
-
-
-def crash(self, step, total):
-    if step == 2:
-        raise Stop("killed")
-    return original(self, step, total)
-
-
-SFT.on_step = crash  # killed before step 3, on both processes
-try:
-    run({cut!r})
-except Stop:
-    pass
-else:
-    raise SystemExit("the run was not stopped")
-SFT.on_step = original
-run({cut!r}, resume=True)
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _val_loss(work_dir) -> float:
-    records = [json.loads(line) for line in (Path(work_dir) / "metrics.jsonl").read_text().splitlines()]
-    return next(r["loss"] for r in records if r["split"] == "val")
 
 
 def test_fsdp_two_processes_match_one_and_resume(tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        pytest.skip("the accelerate command is not installed next to the Python interpreter")
-    train = {"batch_size": 4, "micro_batch_size": 1, "max_steps": 4}  # 2 processes x 1 x accumulation 2
-    config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG.format(port=_free_port()))
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(kit=str(KIT), train=train, full=str(tmp_path / "fsdp"),
-                                    cut=str(tmp_path / "cut")))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([str(accelerate), "launch", "--config_file", str(config), str(script)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    # meanwhile, one process with the same global batch in one micro-batch
-    one = train_config(tmp_path / "one", train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 4},
-                       checkpoint={"save_final": True}, evaluation={"at_end": True})
-    Trainer(one, train_dataset=qa_items(16), val_dataset=qa_items(5, seed=1, prefix="v")).fit()
-
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-6000:]
-    facts = json.loads(next(line for line in out.splitlines() if line.startswith("FACTS "))[len("FACTS "):])
-    # sharded for real: the root and each of the 2 decoder layers are fully_shard units, every parameter a DTensor
-    assert facts == {"distributed_type": "DistributedType.FSDP", "units": 3, "dtensors": True}
-
-    final = tmp_path / "fsdp" / "checkpoints" / "step_00000004"
-    state = json.loads((final / "trainer_state.json").read_text())
-    assert (state["num_processes"], state["micro_batch_size"], state["grad_accum"]) == (2, 1, 2)
+    facts, final = launch_and_compare(tmp_path, FSDP_CONFIG)
+    assert facts == {"distributed_type": "DistributedType.FSDP", "num_processes": 2, "fsdp_units": 3,
+                     "dtensors": True}
     assert (final / "pytorch_model_fsdp_0").is_dir() and (final / "optimizer_0").is_dir()  # accelerate's shards
-    assert (final / "random_states_1.pkl").is_file()
-
-    # the loss curve of one process: FSDP reduce-scatters the gradient (sum over processes, then the mean)
-    # where one process sums in one backward, so only float32 rounding differs
-    expected, got = losses_of(tmp_path / "one"), losses_of(tmp_path / "fsdp")
-    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
-    # evaluation on sharded weights: 5 batches dealt 3 + 2 (one padding batch left out), the same mean
-    assert _val_loss(tmp_path / "fsdp") == pytest.approx(_val_loss(tmp_path / "one"), rel=1e-5)
-
-    # the gathered weights load strictly into a one-process model and match its weights
-    from safetensors.torch import load_model
-
-    from tpo.registry import build_model
-
-    model = build_model(model_config())
-    missing, unexpected = load_model(model, str(final / "model.safetensors"), strict=True)
-    assert not missing and not unexpected
-    a = load_file(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")
-    b = load_file(final / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies rounding of tiny grads
-
-    # killed before step 3 and resumed from the sharded checkpoint of step 2: the uninterrupted FSDP run exactly
-    resumed = losses_of(tmp_path / "cut")
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for step in got:
-        assert resumed[step] == got[step], step
-    c = load_file(tmp_path / "cut" / "checkpoints" / "step_00000004" / "model.safetensors")
-    assert all(torch.equal(b[key], c[key]) for key in b)

@@ -33,7 +33,7 @@ the same number of processes continues exactly where it stopped.
 
 The adaptive KL controller moves the coefficient by the KL of each
 micro-batch summed over all processes, so every process keeps the same
-coefficient. Under sharded parameters (FSDP, ZeRO-3) generation runs
+coefficient. Under sharded parameters (FSDP) generation runs
 ``synced_gpus``: every process takes ``max_new_tokens`` forward passes.
 
 Rollouts (log-probs, values) are computed in eval mode, as generation runs;
@@ -512,13 +512,13 @@ def _all_processes_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sharded(module: nn.Module) -> bool:
-    """Whether ``module``'s parameters are sharded across processes (FSDP2
-    DTensors, DeepSpeed ZeRO-3)."""
+    """Whether ``module``'s parameters are sharded across processes (FSDP2's
+    DTensors)."""
     if not _distributed():
         return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _check_options(cfg: Mapping[str, Any], name, where: str = "") -> None:

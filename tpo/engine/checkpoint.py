@@ -10,9 +10,9 @@ algorithm's other state (``algorithm_state.pt``: a loss's running
 statistics, ...), what each process of the algorithm keeps for itself
 (``process_state_<rank>.pt``, one file per process: PPO's rollouts still to
 be trained on), and ``trainer_state.json`` (step, epoch, position in the
-epoch, ...). Under FSDP the model is also gathered into ``model.safetensors``
-(next to accelerate's sharded files), so any run, of any number of
-processes, can load it.
+epoch, ...). Under FSDP and DeepSpeed the model is also gathered into
+``model.safetensors`` (next to their own sharded files), so any run, of any
+number of processes, can load it.
 
 Atomicity: everything is written into ``.tmp-step_<step>``, every file and the
 folder are fsynced, and only then is the folder renamed to ``step_<step>`` (a
@@ -217,9 +217,9 @@ def register_model_hooks(accelerator, algorithm: nn.Module) -> None:
     """Make ``save_state``/``load_state`` write and read ``algorithm.model``'s
     weights as ``model.safetensors`` under the model's own names (plus the
     algorithm's other state in ``algorithm_state.pt``), rather than under the
-    algorithm's ``model.`` prefix. FSDP saves and loads its own sharded files;
-    ``model.safetensors`` is written next to them from the gathered weights.
-    DeepSpeed keeps its own format."""
+    algorithm's ``model.`` prefix. FSDP and DeepSpeed save and load their own
+    (sharded) files; ``model.safetensors`` is written next to them from the
+    gathered weights."""
     from accelerate.utils import DistributedType
 
     def owns(wrapped) -> bool:
@@ -227,10 +227,10 @@ def register_model_hooks(accelerator, algorithm: nn.Module) -> None:
 
     def save_hook(models, weights, output_dir):
         if len(weights) != len(models):  # FSDP / DeepSpeed: saved their own way
-            if accelerator.distributed_type == DistributedType.FSDP:
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
                 for m in models:
                     if owns(m):
-                        full = accelerator.get_state_dict(m)  # a collective: the full weights on the main process
+                        full = accelerator.get_state_dict(m)  # FSDP: a collective, the full weights on process 0
                         if accelerator.is_main_process:
                             write_model_files(algorithm, full, output_dir)
             return

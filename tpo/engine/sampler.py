@@ -98,7 +98,7 @@ class EvalSampler(Sampler[list[int]]):
     batches dealt round-robin to the processes (the last may be short); at most
     ``max_batches`` batches in all when given.
 
-    ``even=True`` (sharded parameters: FSDP, ZeRO-3, where every forward pass
+    ``even=True`` (sharded parameters: FSDP, where every forward pass
     is a collective) gives every process the same number of batches: a
     process with fewer batches of its own repeats its last one (or the first
     batch of the set when it has none); the batches from ``num_own_batches``

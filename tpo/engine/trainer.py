@@ -8,7 +8,10 @@ batch), stop on a non-finite loss, clip, step, log, evaluate, checkpoint.
 
 DDP, FSDP and DeepSpeed come from accelerate's own launch configs
 (``accelerate launch --config_file ...``) or ``torchrun``; mixed precision from
-``train.mixed_precision`` (or the launcher).
+``train.mixed_precision`` (or the launcher). On CPU processes (gloo), where
+accelerate 1.15 falls back to DDP without a word, the trainer sets up FSDP2
+(``fsdp_version: 2``) and DeepSpeed ZeRO-1/2 (its CPU accelerator) itself;
+FSDP1 and ZeRO-3 are refused with the reason (see ``_accelerator``).
 """
 from __future__ import annotations
 
@@ -104,17 +107,14 @@ def _fsdp_on_cpu(acc, plugin) -> None:
     ``fully_shard`` itself runs on CPU over gloo, so complete the state the
     way accelerate does for a GPU; everything after (``prepare``, gradient
     sync, clipping, sharded ``save_state``/``load_state``) is accelerate's.
-    FSDP1 does not run on CPU (torch rejects accelerate's ``device_id``
-    ``cpu:0`` for the compute device ``cpu``).
+    FSDP1 does not run on CPU: accelerate's plugin asks for a GPU when
+    ``sync_module_states`` (its default), and torch's FSDP1 rejects
+    accelerate's ``device_id`` ``cpu:0`` for the compute device ``cpu``; the
+    caller refuses it with a clear error.
     """
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    if plugin.fsdp_version != 2:
-        raise ValueError(
-            f"FSDP on CPU: fsdp_version {plugin.fsdp_version} (FSDP1) cannot run on CPU processes (torch's FSDP1 "
-            "rejects the CPU device); set `fsdp_version: 2` in the accelerate config (or FSDP_VERSION=2)"
-        )
     state = acc.state
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
@@ -124,17 +124,11 @@ def _fsdp_on_cpu(acc, plugin) -> None:
 
 
 def is_sharded(acc) -> bool:
-    """Whether the parameters are sharded across processes (FSDP, DeepSpeed
-    ZeRO-3): every process must then run the same forward passes."""
+    """Whether the parameters are sharded across processes (FSDP): every
+    process must then run the same forward passes."""
     from accelerate.utils import DistributedType
 
-    if acc.num_processes < 2:
-        return False
-    if acc.distributed_type == DistributedType.FSDP:
-        return True
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        return acc.state.deepspeed_plugin.zero_stage == 3
-    return False
+    return acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP
 
 
 @contextlib.contextmanager
@@ -196,10 +190,25 @@ class Trainer:
                           find_unused_parameters=train["find_unused_parameters"])])
         if train["mixed_precision"] is not None:
             kwargs["mixed_precision"] = train["mixed_precision"]
+        if _env_flag("ACCELERATE_USE_DEEPSPEED") and no_device and not train["cpu"] and "LOCAL_RANK" in os.environ:
+            # accelerate (<= 1.15) sets DeepSpeed up only with cpu=False, and then, finding no accelerator device,
+            # no process-group backend: every process would call itself process 0 of 1. Name DeepSpeed's CPU
+            # backend (gloo) for it.
+            from accelerate.utils import InitProcessGroupKwargs
+
+            kwargs["cpu"] = False
+            kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
         fsdp = None
         if _env_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch` with an FSDP config (or its FSDP_* variables)
             from accelerate.utils import FullyShardedDataParallelPlugin
 
+            version = os.environ.get("FSDP_VERSION", "1")
+            if kwargs["cpu"] and version != "2":
+                raise ValueError(
+                    f"FSDP on CPU: fsdp_version {version} (FSDP1) cannot run on CPU processes (accelerate's FSDP1 "
+                    "plugin asks for a GPU to sync module states, torch's FSDP1 rejects the CPU device); set "
+                    "`fsdp_version: 2` in the accelerate config (FSDP_VERSION=2)"
+                )
             fsdp = kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()
         if not torch.distributed.is_initialized():
             # one process: let a second run in this process (a notebook, tests) choose its own settings
@@ -212,11 +221,10 @@ class Trainer:
             if fsdp is not None:
                 _fsdp_on_cpu(acc, fsdp)
             elif _env_flag("ACCELERATE_USE_DEEPSPEED"):
-                raise RuntimeError(
-                    "DeepSpeed was asked for (ACCELERATE_USE_DEEPSPEED=true, an `accelerate launch` DeepSpeed config), "
-                    "but the processes run on CPU, where accelerate (<= 1.15) does not set DeepSpeed up: with "
-                    "Accelerator(cpu=True) it trains with DDP instead, and without cpu=True it reports one process "
-                    "on every rank. Launch on GPUs, or use FSDP (fsdp_version: 2) or plain DDP on CPU"
+                raise ValueError(
+                    "train.cpu: DeepSpeed was asked for (an `accelerate launch` DeepSpeed config), but train.cpu=True "
+                    "makes accelerate train with DDP instead; set train.cpu=False (on a machine without a GPU "
+                    "DeepSpeed then runs on its CPU accelerator)"
                 )
         return acc
 
@@ -271,6 +279,24 @@ class Trainer:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = micro
             ds["gradient_accumulation_steps"] = accum
+            ds["train_batch_size"] = train["batch_size"]
+            if acc.state.deepspeed_plugin.zero_stage == 3:
+                raise ValueError(
+                    "DeepSpeed ZeRO stage 3 is not supported: it gathers a parameter only while its own module's "
+                    "forward runs, and tpo's models read weights outside it (the fused log-prob loss reads the LM "
+                    "head's weight, timm encoders run through forward_intermediates), which ZeRO-3 does not gather "
+                    "(on CPU its loss already differs from one process at step 1). Use zero_stage 1 or 2, or FSDP "
+                    "(fsdp_version: 2), which shards the parameters too"
+                )
+            clip = train["grad_clip"] or 0.0  # DeepSpeed clips inside its step (0: never)
+            if ds.get("gradient_clipping", "auto") == "auto":
+                ds["gradient_clipping"] = clip
+            elif float(ds["gradient_clipping"]) != clip:
+                raise ValueError(
+                    f"train.grad_clip: {train['grad_clip']}, but the DeepSpeed config says gradient_clipping="
+                    f"{ds['gradient_clipping']}; DeepSpeed clips by its own config, so make them agree (or set it "
+                    "to 'auto' there)"
+                )
         seed = train["seed"]
 
         # data first: its errors come before any model is built
