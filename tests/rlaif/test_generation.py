@@ -115,3 +115,13 @@ def test_config_errors(synth, tmp_path, options, error, match):
     opts = {"data.ann_file": str(synth / "val.jsonl"), **options}
     with pytest.raises(error, match=match):
         generate(GEN_CONFIG, cfg_options=opts, out=str(tmp_path / "x.jsonl"), log=lambda m: None)
+
+
+def test_several_processes_are_refused(synth, tmp_path, monkeypatch):
+    """Launched by torchrun as one of several processes, generation stops
+    before writing anything (every process would append the same prompts)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(RuntimeError, match="runs as one process.*WORLD_SIZE=2"):
+        generate(GEN_CONFIG, cfg_options={"data.ann_file": str(synth / "val.jsonl")}, out=str(out), log=lambda m: None)
+    assert not out.exists()

@@ -19,7 +19,9 @@ the context) and ``pairs.summary.json`` (counts, ties, position consistency,
 and, where the samples carry reference answers, the judge's agreement with
 them with and without context).
 
-Resumable: a prompt's preference lines are appended and fsynced first, then
+One process (a launch by torchrun or accelerate launch with several processes
+is refused: they would all write the same files). Resumable: a prompt's
+preference lines are appended and fsynced first, then
 its judgments line; a prompt counts as done when its judgments line is
 complete. A rerun skips the done prompts, drops the preference lines of a
 prompt that was interrupted before its judgments line (and a torn last line),
@@ -404,6 +406,14 @@ def generate(config, cfg_options: Mapping[str, Any] | None = None, out: str | No
     from tpo.data import SampleDataset
     from tpo.data.schema import validate_record
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise RuntimeError(
+            f"tpo rlaif generate runs as one process, but it was launched as one of {world} (WORLD_SIZE={world}, "
+            "torchrun or accelerate launch): every process would sample every prompt and append to the same files. "
+            "Run it as a plain command; to use several devices, split data.ann_file and run one generation per part "
+            "with its own --out"
+        )
     source = str(config) if isinstance(config, (str, os.PathLike)) else None
     raw = load_config(config, cfg_options).to_dict()
     if out is not None:
