@@ -84,7 +84,7 @@ def test_one_step_shapes_rewards_and_reports_trl_metrics(rm_checkpoint, prompts)
     assert float(out["val/ratio"]) == pytest.approx(1.0, abs=1e-4)
     assert float(out["policy/clipfrac_avg"]) == 0.0
     # the paper's penalties: score = rm + length_coef * len / max_new + penalty if no EOS
-    chunk = algo._window[0]
+    chunk = algo._rollouts[0][0]
     lengths = chunk["mask"].sum(1).float()
     has_eos = (chunk["response"] == algo.model.tokenizer.eos_token_id).any(1).float()
     expected = float(out["objective/rm_scores"]) + float((-0.5 * lengths / 5 - 3.0 * (1 - has_eos)).mean())
@@ -95,26 +95,41 @@ def test_one_step_shapes_rewards_and_reports_trl_metrics(rm_checkpoint, prompts)
     assert "value_model.value_head.weight" in algo.state_dict()
 
 
-def test_each_batch_of_rollouts_gets_ppo_epochs_updates(rm_checkpoint, prompts):
+def test_each_batch_of_rollouts_gets_ppo_epochs_updates(rm_checkpoint, prompts, monkeypatch):
+    """As the engine drives it: on_step, then ppo_epochs x (on_update, a step
+    per micro-batch, an optimiser step). The rollouts are sampled once per
+    engine step and micro-batch; every update trains on the same ones."""
     algo = make_ppo(rm_checkpoint, ppo_epochs=3)
+    assert algo.updates_per_batch == 3
     collate = algo.build_collator()
     batches = [collate([prompts[2 * i], prompts[2 * i + 1]]) for i in range(4)]
-    seen = []
-    for step, batch in enumerate(batches):
-        algo.on_step(step, 4)
-        out = algo.step(batch)
-        seen.append(int(out["rollouts/in_update"]))
-        out["loss"].backward()
-        algo.model.zero_grad()
-    assert seen == [2, 4, 6, 6]        # the window fills up to ppo_epochs batches
-    assert len(algo._window) == 2       # the last two batches still have updates to get
-    assert [c["uses_left"] for c in algo._window] == [1, 2]
-    # two micro-batches per step (gradient accumulation) keep their own windows
-    algo2 = make_ppo(rm_checkpoint, ppo_epochs=2)
-    for step in range(2):
-        algo2.on_step(step, 2)
-        sizes = [int(algo2.step(batches[2 * step + k])["rollouts/in_update"]) for k in range(2)]
-        assert sizes == ([2, 2] if step == 0 else [4, 4])
+    sampled = []
+    rollout = PPO.rollout
+
+    def counting(self, batch):
+        sampled.append(list(batch["ids"]))
+        return rollout(self, batch)
+
+    monkeypatch.setattr(PPO, "rollout", counting)
+    optimizer = torch.optim.SGD([p for p in algo.parameters() if p.requires_grad], lr=0.05)
+    for step in range(2):  # two micro-batches per step (gradient accumulation)
+        algo.on_step(step, 2)
+        ratios = []
+        for k in range(algo.updates_per_batch):
+            algo.on_update(k, algo.updates_per_batch)
+            outs = [algo.step(batches[2 * step + m]) for m in range(2)]
+            sum(o["loss"] for o in outs).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ratios.append(float(outs[0]["val/ratio"]))
+            assert [c["ids"] for c, _ in algo._rollouts] == [batches[2 * step + m]["ids"] for m in range(2)]
+        assert ratios[0] == pytest.approx(1.0, abs=1e-4)  # the first update is on-policy
+        assert abs(ratios[1] - 1.0) > 1e-4  # later ones: the policy moved away from the one that sampled
+    assert sampled == [batches[i]["ids"] for i in range(4)]  # each micro-batch rolled out once, not per update
+    algo.on_step(2, 3)
+    algo.on_update(1, 3)
+    with pytest.raises(RuntimeError, match="more micro-batches than its first"):
+        algo.step(batches[0])
 
 
 def test_adaptive_kl_and_k3(rm_checkpoint, prompts):
@@ -174,7 +189,7 @@ def test_scorer_must_share_the_tokenizer(rm_checkpoint):
 
 def test_resume_through_the_engine_is_exact(synth, rm_checkpoint, tmp_path):
     """6 steps straight, or 3 steps, a stop, and 3 more from the checkpoint:
-    the same policy, value model and rollout window."""
+    the same policy, value model and per-step metrics."""
     from safetensors.torch import load_file
 
     from tpo.engine import train
@@ -195,10 +210,12 @@ def test_resume_through_the_engine_is_exact(synth, rm_checkpoint, tmp_path):
     sa = torch.load(a / "algorithm_state.pt", weights_only=True)
     sb = torch.load(b / "algorithm_state.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
-    assert "_extra_state" not in sa  # the rollouts are per-process state, not the weights'
-    wa_ = torch.load(a / "process_state_0.pt", weights_only=True)["window"]
-    wb_ = torch.load(b / "process_state_0.pt", weights_only=True)["window"]
-    assert len(wa_) == len(wb_) == 1 and torch.equal(wa_[0]["response"], wb_[0]["response"])
+    assert not list(a.glob("process_state_*"))  # rollouts live within a step: nothing pending at a checkpoint
+    # ppo_epochs=2 optimiser updates on each of the 6 batches; the schedule stepped once a batch
+    oa = torch.load(a / "optimizer.bin", weights_only=False)
+    steps = {float(v["step"]) for v in oa["state"].values()}
+    assert steps == {12.0}
+    assert torch.load(a / "custom_checkpoint_0.pkl", weights_only=False)["last_epoch"] == 6
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines if json.loads(line)["split"] == "train"]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
@@ -241,11 +258,11 @@ train(PPO_CONFIG, cfg_options=opts, work_dir={cut!r}, resume=True)
 
 
 def test_two_process_resume_is_exact(synth, rm_checkpoint, tmp_path):
-    """Two processes (gloo), two micro-batches each per step, PPO epochs over
-    a window of rollouts: 4 steps straight, or killed during step 4 and
-    resumed from the checkpoint of step 2: the same per-step losses, weights
-    and each process's rollout window. Each process keeps rollouts of its own
-    prompts, so the window is saved per process."""
+    """Two processes (gloo), two micro-batches each per step, two PPO updates
+    on each batch of rollouts, the adaptive KL coefficient: 4 steps straight,
+    or killed during step 4 and resumed from the checkpoint of step 2: the
+    same per-step losses and metrics, weights, value model and coefficient
+    (each process's generator state restored from its own file)."""
     from pathlib import Path
 
     from rlaif_testkit import run_torchrun
@@ -272,7 +289,7 @@ def test_two_process_resume_is_exact(synth, rm_checkpoint, tmp_path):
     a, b = train_records(full), train_records(cut)
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # step 3 of the killed run replaced, not repeated
     for ra, rb in zip(a, b):
-        for key in ("loss", "objective/kl", "objective/kl_coef", "rollouts/in_update"):
+        for key in ("loss", "objective/kl", "objective/kl_coef", "objective/scores", "val/ratio"):
             assert rb[key] == ra[key], (ra["step"], key)
     ca, cb = full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004"
     state = json.loads((cb / "trainer_state.json").read_text())
@@ -282,13 +299,4 @@ def test_two_process_resume_is_exact(synth, rm_checkpoint, tmp_path):
     sa = torch.load(ca / "algorithm_state.pt", weights_only=True)
     sb = torch.load(cb / "algorithm_state.pt", weights_only=True)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    windows = []
-    for rank in (0, 1):
-        pa = torch.load(ca / f"process_state_{rank}.pt", weights_only=True)
-        pb = torch.load(cb / f"process_state_{rank}.pt", weights_only=True)
-        assert len(pa["window"]) == len(pb["window"]) == 2  # one batch of rollouts per accumulation slot
-        for x, y in zip(pa["window"], pb["window"]):
-            assert x["ids"] == y["ids"] and torch.equal(x["response"], y["response"])
-            assert torch.equal(x["advantages"], y["advantages"])
-        windows.append([c["ids"] for c in pa["window"]])
-    assert windows[0] != windows[1]  # each process trains on its own prompts
+    assert not list(cb.glob("process_state_*"))

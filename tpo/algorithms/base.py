@@ -22,7 +22,11 @@ out of the module tree.
   log-probs, ...).
 * ``evaluate(batch)``: the validation pass of one batch: metrics plus the
   data samples that the configured ``METRICS`` consume.
-* ``on_step(step, total_steps)``: called before each optimiser step.
+* ``on_step(step, total_steps)``: called before each engine step.
+* ``updates_per_batch``: optimiser updates the engine makes on each step's
+  batch (default 1; PPO: its epochs over each batch of rollouts); before
+  each, ``on_update(index, updates_per_batch)``. The learning-rate schedule
+  steps once per engine step (as TRL's PPO), checkpoints fall between steps.
 * ``process_state()`` / ``load_process_state(state)``: what one process
   keeps for itself across steps and is not a parameter or buffer (PPO's
   rollouts still to be trained on: each process has its own). The engine
@@ -138,8 +142,14 @@ class Algorithm(nn.Module):
         """Items the loss averages over (default: the batch's rows)."""
         return int(batch["input_ids"].shape[0])
 
+    #: optimiser updates on each engine step's batch (see the module docstring)
+    updates_per_batch: int = 1
+
     def on_step(self, step: int, total_steps: int) -> None:
-        """Hook run before each optimiser step (``step`` counts from 0)."""
+        """Hook run before each engine step (``step`` counts from 0)."""
+
+    def on_update(self, index: int, updates: int) -> None:
+        """Hook run before each of the ``updates`` optimiser updates of a step."""
 
     def setup(self, context: SetupContext) -> None:
         """One-off work before training; the model is still as initialised."""

@@ -20,16 +20,15 @@ One engine step of :class:`PPO` takes a micro-batch of prompts
 5. **updates**: the clipped policy loss (``clip_range``) and the clipped value
    loss (``clip_range_value``, weight ``vf_coef``), token means.
 
-*Several epochs over each batch of rollouts* (``ppo_epochs``): every batch of
-rollouts is trained on in ``ppo_epochs`` successive engine steps; the loss of
-a step is the mean over the rollouts of the current step and of the
-``ppo_epochs - 1`` steps before it (the same accumulation slot), each against
-the log-probs and values it was sampled with, so each rollout gets
-``ppo_epochs`` clipped updates from a policy that moves between them, as in
-PPO's inner epochs. The rollouts still in use are each process's own: a
-checkpoint holds them per process (``process_state_<rank>.pt``; the adaptive
-KL coefficient is a buffer, saved with the weights), and a run resumed on
-the same number of processes continues exactly where it stopped.
+*Several epochs over each batch of rollouts* (``ppo_epochs``): the engine
+makes ``ppo_epochs`` optimiser updates on each step's batch
+(``updates_per_batch``): the first samples the rollouts, every update
+trains on them against the log-probs and values they were sampled with, so
+each rollout gets ``ppo_epochs`` clipped updates from a policy that moves
+between them, as in PPO's inner epochs (one minibatch per epoch: the
+step's micro-batches; the learning rate steps once per batch, as in TRL).
+The rollouts live within one engine step: a checkpoint (between steps)
+holds none, and a resumed run continues exactly where it stopped.
 
 The adaptive KL controller moves the coefficient by the KL of each
 micro-batch summed over all processes, so every process keeps the same
@@ -50,7 +49,8 @@ Metrics (TRL's PPO names): ``objective/scores`` (score after penalties),
 ``objective/entropy``, ``objective/non_score_reward``,
 ``objective/rlhf_reward``, ``policy/approxkl_avg``, ``policy/clipfrac_avg``,
 ``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg``, ``val/ratio``,
-``val/num_eos_tokens``, ``response/length``, ``rollouts/in_update``, and
+``val/num_eos_tokens``, ``response/length`` (means over the step's
+updates), and
 ``objective/qa_accuracy`` when the prompts carry reference answers.
 Evaluation answers the validation prompts greedily: ``eval/scores``,
 ``eval/rm_scores``, ``eval/length``, ``eval/num_eos_tokens`` and QA data
@@ -142,7 +142,7 @@ class PPO(Algorithm):
             read across a LoRA wrapper (the engine's ``load_from`` needs
             identical names).
         max_new_tokens, temperature, top_p: sampling of the rollouts.
-        ppo_epochs: updates each rollout gets (see the module docstring).
+        ppo_epochs: optimiser updates on each batch of rollouts (see the module docstring).
         clip_range, clip_range_value, vf_coef: the clipped losses.
         gamma, lam: GAE.
         kl_coef: the KL penalty's coefficient (initial value when adaptive).
@@ -229,8 +229,8 @@ class PPO(Algorithm):
             ref.requires_grad_(False)
             ref.eval()
             self._frozen["reference"] = ref
-        self._window: list[dict[str, Any]] = []
-        self._slot = 0
+        self._rollouts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []  # this step's, per micro-batch
+        self._update, self._slot = 0, 0
 
     # ------------------------------------------------------------ helpers
     def _frozen_model(self, name: str) -> nn.Module:
@@ -249,8 +249,15 @@ class PPO(Algorithm):
     def num_items(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].shape[0])
 
+    @property
+    def updates_per_batch(self) -> int:
+        return self.ppo_epochs
+
     def on_step(self, step: int, total_steps: int) -> None:
-        self._slot = 0
+        self._rollouts, self._update, self._slot = [], 0, 0
+
+    def on_update(self, index: int, updates: int) -> None:
+        self._update, self._slot = index, 0
 
     def param_groups(self, optim_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         groups = super().param_groups(optim_cfg)
@@ -416,49 +423,19 @@ class PPO(Algorithm):
 
     # -------------------------------------------------------------- training
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The first update of a step rolls out on ``batch`` (this micro-batch
+        of prompts); each update trains on those rollouts."""
         slot = self._slot
         self._slot += 1
-        chunk = self.rollout(batch)
-        stats = chunk.pop("stats")
-        chunk["slot"], chunk["uses_left"] = slot, self.ppo_epochs
-        self._window.append(chunk)
-        active = [c for c in self._window if c["slot"] == slot and c["uses_left"] > 0]
-        rows = [int(c["input_ids"].shape[0]) for c in active]
-        total_loss, sums = 0.0, {}
-        for c, n in zip(active, rows):
-            loss, s = self._chunk_loss(c)
-            total_loss = total_loss + loss * (n / sum(rows))
-            for k, v in s.items():
-                sums[k] = sums.get(k, 0.0) + v * (n / sum(rows))
-            c["uses_left"] -= 1
-        self._window = [c for c in self._window if c["uses_left"] > 0]
-        return {"loss": total_loss, **stats, **sums, "rollouts/in_update": torch.tensor(float(sum(rows)))}
-
-    # -------------------------------------------------------- checkpointing
-    def process_state(self) -> dict[str, Any]:
-        """The rollouts still in use (CPU tensors) and the accumulation slot:
-        each process has its own, saved per process with the checkpoint."""
-        def cpu(v):
-            if torch.is_tensor(v):
-                return v.detach().cpu()
-            if isinstance(v, list):
-                return [cpu(x) for x in v]
-            return v
-
-        return {"window": [{k: cpu(v) for k, v in c.items()} for c in self._window], "slot": self._slot}
-
-    def load_process_state(self, state: dict[str, Any]) -> None:
-        device = next(self.model.parameters()).device
-
-        def dev(v):
-            if torch.is_tensor(v):
-                return v.to(device)
-            if isinstance(v, list):
-                return [dev(x) for x in v]
-            return v
-
-        self._window = [{k: dev(v) for k, v in c.items()} for c in state.get("window", [])]
-        self._slot = int(state.get("slot", 0))
+        if self._update == 0:
+            chunk = self.rollout(batch)
+            self._rollouts.append((chunk, chunk.pop("stats")))
+        elif slot >= len(self._rollouts):
+            raise RuntimeError(f"internal error: update {self._update} of a step has more micro-batches than its "
+                               "first (on_step/on_update were not called as the engine calls them)")
+        chunk, stats = self._rollouts[slot]
+        loss, update_stats = self._chunk_loss(chunk)
+        return {"loss": loss, **stats, **update_stats}
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()

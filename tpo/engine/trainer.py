@@ -4,7 +4,9 @@ Read :meth:`Trainer.fit` top to bottom: build (data first, then the model and
 the algorithm), prepare with accelerate, maybe resume, then for each
 optimiser step: take this process's micro-batches, run the algorithm's step
 on each (gradients accumulated, normalised by the items of the whole global
-batch), stop on a non-finite loss, clip, step, log, evaluate, checkpoint.
+batch), stop on a non-finite loss, clip, step (``updates_per_batch`` times
+when the algorithm asks for several updates on each batch: PPO's epochs),
+log, evaluate, checkpoint.
 
 DDP, FSDP and DeepSpeed come from accelerate's own launch configs
 (``accelerate launch --config_file ...``) or ``torchrun``; mixed precision from
@@ -443,15 +445,38 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
     def _train_step(self, acc, wrapped, algo, optimizer, scheduler, micro_batches, step, epoch, last_ckpt):
-        from accelerate.utils import gather_object, send_to_device
+        """One engine step: ``algo.updates_per_batch`` optimiser updates over
+        this step's micro-batches (``on_update(k, n)`` before each), then one
+        scheduler step. The record is the mean of the updates' records."""
+        from accelerate.utils import send_to_device
 
+        updates = algo.updates_per_batch
+        if not isinstance(updates, int) or updates < 1:
+            raise ValueError(f"{type(algo).__name__}.updates_per_batch must be an int >= 1, got {updates!r}")
         counts = [int(algo.num_items(b)) for b in micro_batches]
         global_items = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum").item())
+        micro_batches = [send_to_device(b, acc.device) for b in micro_batches]
+        records = []
+        for k in range(updates):
+            algo.on_update(k, updates)
+            records.append(self._update(acc, wrapped, optimizer, micro_batches, counts, global_items, step, epoch,
+                                        last_ckpt, (k, updates)))
+        record: dict[str, Any] = {key: sum(r[key] for r in records) / updates for key in records[0]}
+        record["num_items"] = global_items
+        record.update(group_learning_rates(optimizer))  # the rates this step's updates used
+        scheduler.step()
+        return record
+
+    def _update(self, acc, wrapped, optimizer, micro_batches, counts, global_items, step, epoch, last_ckpt,
+                update) -> dict[str, float]:
+        """Forward and backward over the micro-batches, gradients normalised by
+        the items of the global batch; stop on a non-finite loss; clip, step."""
+        from accelerate.utils import gather_object
+
         scale_base = acc.num_processes * acc.gradient_accumulation_steps / max(global_items, 1)
         sums: dict[str, list[float]] = {}
         bad = None
         for batch, n in zip(micro_batches, counts):
-            batch = send_to_device(batch, acc.device)
             with acc.accumulate(wrapped):
                 out = wrapped(batch)
                 loss = out["loss"]
@@ -472,9 +497,11 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             rank, info = failures[0]
             where = f" on process {rank}" if acc.num_processes > 1 else ""
+            k, n = update
+            which = f" (update {k + 1} of {n} on this batch; {k} applied)" if n > 1 else ""
             raise NonFiniteLossError(
-                f"step {step + 1} (epoch {epoch}): the loss is {info['value']}{where}; the batch holds the samples "
-                f"{info['ids']}. The run stops before this update. Last good checkpoint: "
+                f"step {step + 1} (epoch {epoch}){which}: the loss is {info['value']}{where}; the batch holds the "
+                f"samples {info['ids']}. The run stops before this update. Last good checkpoint: "
                 f"{last_ckpt or 'none (no checkpoint was written yet)'}"
                 + (" — resume from it with `tpo train CONFIG --resume` (lower optim.lr, set train.grad_clip, or "
                    "drop those samples first)." if last_ckpt else ".")
@@ -485,16 +512,13 @@ class Trainer:
                 entry = merged.setdefault(key, [0.0, 0.0])
                 entry[0] += s
                 entry[1] += w
-        record: dict[str, Any] = {k: (s / w if w else 0.0) for k, (s, w) in merged.items()}
-        record["num_items"] = global_items
+        record = {k: (s / w if w else 0.0) for k, (s, w) in merged.items()}
         clip = self.cfg["train"]["grad_clip"]
         if clip is not None:
             norm = acc.clip_grad_norm_(wrapped.parameters(), clip)
             if norm is not None:
                 record["grad_norm"] = float(norm)
-        record.update(group_learning_rates(optimizer))  # the rates this update uses
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return record
 
