@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 KIT = Path(__file__).resolve().parent
 TRAIN = {"batch_size": 4, "micro_batch_size": 1, "max_steps": 4}  # 2 processes x 1 x accumulation 2
+# evaluation answers the QA prompts too (generation on sharded weights: every process the same forward passes)
+EVALUATION = {"at_end": True, "metrics": [{"type": "QAAccuracy"}]}
 DRIVER = """
 import json, sys
 sys.path.insert(0, {kit!r})
@@ -28,7 +30,7 @@ from tpo.engine import Trainer
 
 def run(work_dir, resume=False):
     cfg = train_config(work_dir, train={train!r}, checkpoint={{"interval": 2, "keep_last": 3, "save_final": True}},
-                       evaluation={{"at_end": True}})
+                       evaluation={evaluation!r})
     trainer = Trainer(cfg, train_dataset=qa_items(16), val_dataset=qa_items(5, seed=1, prefix="v"), resume=resume)
     trainer.fit()
     return trainer
@@ -38,9 +40,11 @@ trainer = run({full!r})
 acc, algo = trainer.accelerator, trainer.accelerator._models[0]
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from transformers.integrations.fsdp import is_fsdp_managed_module
 facts = dict(distributed_type=str(acc.distributed_type), num_processes=acc.num_processes,
              fsdp_units=sum(isinstance(m, FSDPModule) for m in algo.modules()),
-             dtensors=all(isinstance(p, DTensor) for p in algo.parameters()))
+             dtensors=all(isinstance(p, DTensor) for p in algo.parameters()),
+             synced_generation=is_fsdp_managed_module(algo.model.llm.model))
 if acc.is_main_process:
     print("FACTS " + json.dumps(facts), flush=True)
 
@@ -76,9 +80,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _val_loss(work_dir) -> float:
+def _val(work_dir) -> dict:
     records = [json.loads(line) for line in (Path(work_dir) / "metrics.jsonl").read_text().splitlines()]
-    return next(r["loss"] for r in records if r["split"] == "val")
+    return next(r for r in records if r["split"] == "val")
 
 
 def launch_and_compare(tmp_path, accelerate_config: str) -> tuple[dict, Path]:
@@ -93,14 +97,15 @@ def launch_and_compare(tmp_path, accelerate_config: str) -> tuple[dict, Path]:
     config = tmp_path / "accelerate.yaml"
     config.write_text(accelerate_config.format(port=free_port()))
     script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(kit=str(KIT), train=TRAIN, full=str(tmp_path / "two"), cut=str(tmp_path / "cut")))
+    script.write_text(DRIVER.format(kit=str(KIT), train=TRAIN, evaluation=EVALUATION, full=str(tmp_path / "two"),
+                                    cut=str(tmp_path / "cut")))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([str(accelerate), "launch", "--config_file", str(config), str(script)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # meanwhile, one process with the same global batch in one micro-batch
     one = train_config(tmp_path / "one", train={**TRAIN, "micro_batch_size": 4}, checkpoint={"save_final": True},
-                       evaluation={"at_end": True})
+                       evaluation=EVALUATION)
     Trainer(one, train_dataset=qa_items(16), val_dataset=qa_items(5, seed=1, prefix="v")).fit()
 
     out, _ = proc.communicate(timeout=900)
@@ -119,8 +124,11 @@ def launch_and_compare(tmp_path, accelerate_config: str) -> tuple[dict, Path]:
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
-    # evaluation: 5 batches dealt to 2 processes, the same item-weighted mean
-    assert _val_loss(tmp_path / "two") == pytest.approx(_val_loss(tmp_path / "one"), rel=1e-5)
+    # evaluation: 5 batches dealt to 2 processes, the same item-weighted mean, the same greedy answers
+    val_one, val_two = _val(tmp_path / "one"), _val(tmp_path / "two")
+    assert val_two["loss"] == pytest.approx(val_one["loss"], rel=1e-5)
+    assert val_two["num_items"] == val_one["num_items"]  # answer tokens, each counted once
+    assert val_two["qa/accuracy"] == val_one["qa/accuracy"]
 
     # the gathered weights load strictly into a one-process model and match its weights
     from safetensors.torch import load_model

@@ -6,7 +6,8 @@ gathered ``model.safetensors`` that a one-process model loads.
 accelerate (1.15) leaves CPU processes on DDP even with an FSDP config; the
 trainer turns its FSDP2 path on (``tpo.engine.trainer._fsdp_on_cpu``), and
 this test checks the model really is sharded: the root and both decoder
-layers are ``fully_shard`` units, every parameter a DTensor."""
+layers are ``fully_shard`` units, every parameter a DTensor; and that
+generation at evaluation runs in step on both processes."""
 from launch_testkit import launch_and_compare
 
 FSDP_CONFIG = """\
@@ -32,5 +33,5 @@ fsdp_config:
 def test_fsdp_two_processes_match_one_and_resume(tmp_path):
     facts, final = launch_and_compare(tmp_path, FSDP_CONFIG)
     assert facts == {"distributed_type": "DistributedType.FSDP", "num_processes": 2, "fsdp_units": 3,
-                     "dtensors": True}
+                     "dtensors": True, "synced_generation": True}
     assert (final / "pytorch_model_fsdp_0").is_dir() and (final / "optimizer_0").is_dir()  # accelerate's shards

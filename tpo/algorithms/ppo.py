@@ -32,8 +32,9 @@ holds none, and a resumed run continues exactly where it stopped.
 
 The adaptive KL controller moves the coefficient by the KL of each
 micro-batch summed over all processes, so every process keeps the same
-coefficient. Under sharded parameters (FSDP) generation runs
-``synced_gpus``: every process takes ``max_new_tokens`` forward passes.
+coefficient. Under FSDP the engine marks the modules as FSDP-managed, so
+``generate`` runs ``synced_gpus`` (every process takes ``max_new_tokens``
+forward passes, each a collective).
 
 Rollouts (log-probs, values) are computed in eval mode, as generation runs;
 the updates in train mode: a model with dropout then sees a ratio away from 1
@@ -308,8 +309,6 @@ class PPO(Algorithm):
         policy.eval()
         try:
             kwargs = {} if greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-            if _sharded(policy):  # every process runs max_new_tokens forward passes (each one a collective)
-                kwargs["synced_gpus"] = True
             new = policy.generate(batch["input_ids"], batch["attention_mask"], media=batch["media"],
                                   max_new_tokens=max_new_tokens, ids=batch.get("ids"), **kwargs)
         finally:
@@ -486,16 +485,6 @@ def _all_processes_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         torch.distributed.all_reduce(x)
     return x
-
-
-def _sharded(module: nn.Module) -> bool:
-    """Whether ``module``'s parameters are sharded across processes (FSDP2's
-    DTensors)."""
-    if not _distributed():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _check_options(cfg: Mapping[str, Any], name, where: str = "") -> None:

@@ -335,6 +335,11 @@ class Trainer:
         metrics = [build_metric(m) for m in cfg["evaluation"]["metrics"]]
 
         wrapped, optimizer = acc.prepare(algo, optimizer)
+        if is_sharded(acc):
+            # every forward is a collective: generation must take max_new_tokens steps on every process.
+            # transformers' generate turns synced_gpus on for modules FSDP manages; FSDP1 marks them, FSDP2 not
+            for module in algo.modules():
+                module._is_fsdp_managed_module = True
         acc.register_for_checkpointing(scheduler)
         ckpt.register_model_hooks(acc, algo)
         ckpt_root = self.work_dir / "checkpoints"
