@@ -453,14 +453,11 @@ class Trainer:
         """One engine step: ``algo.updates_per_batch`` optimiser updates over
         this step's micro-batches (``on_update(k, n)`` before each), then one
         scheduler step. The record is the mean of the updates' records."""
-        from accelerate.utils import send_to_device
-
         updates = algo.updates_per_batch
         if not isinstance(updates, int) or updates < 1:
             raise ValueError(f"{type(algo).__name__}.updates_per_batch must be an int >= 1, got {updates!r}")
         counts = [int(algo.num_items(b)) for b in micro_batches]
         global_items = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum").item())
-        micro_batches = [send_to_device(b, acc.device) for b in micro_batches]
         records = []
         for k in range(updates):
             algo.on_update(k, updates)
@@ -476,12 +473,13 @@ class Trainer:
                 update) -> dict[str, float]:
         """Forward and backward over the micro-batches, gradients normalised by
         the items of the global batch; stop on a non-finite loss; clip, step."""
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object, send_to_device
 
         scale_base = acc.num_processes * acc.gradient_accumulation_steps / max(global_items, 1)
         sums: dict[str, list[float]] = {}
         bad = None
         for batch, n in zip(micro_batches, counts):
+            batch = send_to_device(batch, acc.device)  # one micro-batch on the device at a time
             with acc.accumulate(wrapped):
                 out = wrapped(batch)
                 loss = out["loss"]
