@@ -20,10 +20,23 @@ KIT = Path(__file__).resolve().parent
 TRAIN = {"batch_size": 4, "micro_batch_size": 1, "max_steps": 4}  # 2 processes x 1 x accumulation 2
 # evaluation answers the QA prompts too (generation on sharded weights: every process the same forward passes)
 EVALUATION = {"at_end": True, "metrics": [{"type": "QAAccuracy"}]}
+
+
+def val_items():
+    """5 evaluation items (batches of 1), two of them captions: whichever way the batches are dealt to the
+    2 processes, at some step one process has a QA item to answer and the other none, and both must still
+    take the same generation steps."""
+    items = qa_items(5, seed=1, prefix="v")
+    for i in (1, 3):
+        items[i]["meta"] = dict(items[i]["meta"], task="caption")
+    return items
+
+
 DRIVER = """
 import json, sys
 sys.path.insert(0, {kit!r})
 from engine_testkit import qa_items, train_config
+from launch_testkit import val_items
 from tpo.algorithms.sft import SFT
 from tpo.engine import Trainer
 
@@ -31,7 +44,7 @@ from tpo.engine import Trainer
 def run(work_dir, resume=False):
     cfg = train_config(work_dir, train={train!r}, checkpoint={{"interval": 2, "keep_last": 3, "save_final": True}},
                        evaluation={evaluation!r})
-    trainer = Trainer(cfg, train_dataset=qa_items(16), val_dataset=qa_items(5, seed=1, prefix="v"), resume=resume)
+    trainer = Trainer(cfg, train_dataset=qa_items(16), val_dataset=val_items(), resume=resume)
     trainer.fit()
     return trainer
 
@@ -106,7 +119,7 @@ def launch_and_compare(tmp_path, accelerate_config: str) -> tuple[dict, Path]:
     # meanwhile, one process with the same global batch in one micro-batch
     one = train_config(tmp_path / "one", train={**TRAIN, "micro_batch_size": 4}, checkpoint={"save_final": True},
                        evaluation=EVALUATION)
-    Trainer(one, train_dataset=qa_items(16), val_dataset=qa_items(5, seed=1, prefix="v")).fit()
+    Trainer(one, train_dataset=qa_items(16), val_dataset=val_items()).fit()
 
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-6000:]

@@ -65,7 +65,10 @@ class SFT(Algorithm):
         question_type, id."""
         model, proc = self.model, self.model.processor
         qa = [it for it in items if (it.get("meta") or {}).get("task") == "qa" and it.get("conversations")]
-        if not qa:
+        # Under sharded weights (FSDP) generate is a collective (synced_gpus): a process whose batch holds no QA
+        # item must still take part, or the others wait for it forever; it answers a text-only placeholder.
+        synced = getattr(model.llm.model, "_is_fsdp_managed_module", False)
+        if not qa and not synced:
             return []
         prompts, media = [], []
         for it in qa:
@@ -73,6 +76,14 @@ class SFT(Algorithm):
             kind = it.get("media_type")
             prompts.append(proc.chat_prompt(question, kind))
             media.append(None if it.get("media") is None else proc.prepare_media(it["media"], kind))
+        if not qa and items:  # the placeholder: the batch's first item, its answer discarded
+            first = items[0]
+            kind = first.get("media_type") if first.get("media") is not None else None
+            question = first["conversations"][0]["value"] if first.get("conversations") else "?"
+            prompts = [proc.chat_prompt(question, kind)]
+            media = [None if kind is None else proc.prepare_media(first["media"], kind)]
+        elif not qa:
+            return []
         inputs = proc(prompts, media, padding_side="left")
         device = next(model.parameters()).device
         new = model.generate(inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
