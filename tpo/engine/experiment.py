@@ -160,6 +160,7 @@ def experiment_main(argv=None) -> int:
     args = parser.parse_args(argv)
     summary = run_experiment(args.config, args.cfg_options, args.work_dir)
     print(summary["table"])
+    print(f"wall time: {summary['wall_time_s']:.0f} s (writing the benchmark, training, evaluating)")
     print(f"results: {os.path.join(summary['work_dir'], 'results.json')}")
     print("plots:\n  " + "\n  ".join(summary["plots"]))
     return 0
