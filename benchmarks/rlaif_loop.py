@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchkit import RESULTS, cpu_name, machine_name  # noqa: E402
+
 CONFIGS = ROOT / "configs" / "rlaif"
 MLLM = str(ROOT / "configs" / "mllm" / "timm_mlp_llama.py")
 
@@ -41,7 +44,7 @@ MLLM = str(ROOT / "configs" / "mllm" / "timm_mlp_llama.py")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(ROOT / "work_dirs" / "rlaif_loop"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2c"))
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<this machine>)")
     p.add_argument("--scenes", type=int, default=1000)
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--train-prompts", type=int, default=3000, help="questions the policy answers for the RM pairs")
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
         return {k: a.get(k) for k in ("accuracy", "accuracy_decided", "informative_pairs", "right", "wrong", "ties")}
 
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "machine": {"name": machine_name(cuda=False), "cpu": cpu_name(), "platform": platform.platform(),
+                    "cpus": os.cpu_count(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
                     "torch_threads": args.threads, "python": sys.version.split()[0], "torch": torch.__version__},
         "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
         "judges": {
@@ -227,7 +231,7 @@ def main(argv=None) -> int:
         "evaluation_test": {"sft": sft_eval, "ppo": ppo_eval},
         "timings_s": timings, "total_s": round(time.time() - started, 1),
     }
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / machine_name(cuda=False))
     out.mkdir(parents=True, exist_ok=True)
     name = "rlaif_loop_quick" if args.quick else "rlaif_loop"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
