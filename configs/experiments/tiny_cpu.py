@@ -2,10 +2,10 @@
 # SFT-only baseline vs TPO (three stages), the same optimiser steps, the same data.
 work_dir = "work_dirs/tiny_experiment"
 data_root = "work_dirs/synth"  # the runs' data paths under this are moved to <work_dir>/synth
-synth = dict(num=120, seed=0, frames=4, size=32)  # 96 / 12 / 12 scenes (about 1,400 samples)
+synth = dict(num=40, seed=0, frames=4, size=32)
 runs = dict(
     sft=dict(config="configs/sft/tiny_cpu.py"),
     tpo=dict(config="configs/tpo/recipes/tiny_cpu.py"),
 )
 same_budget = True
-evaluation = dict(split="test", max_new_tokens=40)  # room for the first box of a grounding answer
+evaluation = dict(split="test", max_new_tokens=24)

@@ -9,7 +9,7 @@ data = dict(
     train=dict(type="SampleDataset", ann_file=_data_root + "/train.jsonl", num_frames=4),
     collator=dict(max_length=512),
 )
-train = dict(batch_size=8, max_steps=500, seed=0, log_interval=5, progress_bar=False, tensorboard=False)
+train = dict(batch_size=8, max_steps=150, seed=0, log_interval=5, progress_bar=False, tensorboard=False)
 optim = dict(lr=5e-3, weight_decay=0.0)
-schedule = dict(type="cosine", warmup_steps=20)
+schedule = dict(type="cosine", warmup_steps=5)
 checkpoint = dict(interval=None, keep_last=1, save_final=True)

@@ -15,7 +15,7 @@ data = dict(
 )
 train = dict(batch_size=8, max_steps=30, seed=0, log_interval=5, progress_bar=False, tensorboard=False)
 optim = dict(lr=5e-3, weight_decay=0.0)
-schedule = dict(type="cosine", warmup_steps=10)
+schedule = dict(type="cosine", warmup_steps=3)
 checkpoint = dict(interval=None, keep_last=1, save_final=True)
 
 stages = [
@@ -24,7 +24,7 @@ stages = [
         name="assign",
         algorithm=dict(type="TPO", losses=["^lm$", "^assign$"]),
         data=dict(train=dict(tasks=_task_data)),
-        train=dict(max_steps=100),
+        train=dict(max_steps=40),
     ),
     # 2. task-head training: heads, task embeddings and the box encoder; the LLM frozen
     dict(
@@ -33,7 +33,7 @@ stages = [
                        trainable=[r"^heads\.", r"^task_embeddings\.", r"^box_encoder\."]),
         data=dict(train=dict(tasks=_task_data)),
         optim=dict(lr=5e-3),
-        train=dict(max_steps=150),
+        train=dict(max_steps=40),
     ),
     # 3. multi-task co-training: task data mixed 1:1 with conversation data, all losses
     dict(
@@ -49,6 +49,6 @@ stages = [
             ratios=[1, 1],
         )),
         optim=dict(lr=3e-3),
-        train=dict(max_steps=250),
+        train=dict(max_steps=70),
     ),
 ]
