@@ -279,6 +279,57 @@ def test_preferences_choose_the_ground_truth(bench):
         assert pref["chosen"] in {q["meta"]["answer_text"] for q in same_scene}
 
 
+def _question_text(sample):
+    """The question of a QA or preference sample (the line after the media token, options left out)."""
+    return sample["conversations"][0]["value"].split("\n")[1]
+
+
+def test_preference_pairs_all_gives_a_pair_per_question(tmp_path):
+    one = synthesize(tmp_path / "one", num=24, seed=11)
+    every = synthesize(tmp_path / "all", num=24, seed=11, preference_pairs="all")
+    assert one["preference_pairs"] == "one" and every["preference_pairs"] == "all"
+    assert one["tasks"]["preference"] == 24
+    assert every["tasks"]["preference"] == every["tasks"]["qa"] > 24  # one per question
+    assert {k: v for k, v in every["tasks"].items() if k != "preference"} == \
+        {k: v for k, v in one["tasks"].items() if k != "preference"}
+    checked = 0
+    for split in ("train", "val", "test"):
+        rows_one = [json.loads(line) for line in (tmp_path / "one" / f"{split}.jsonl").read_text().splitlines()]
+        rows_all = [json.loads(line) for line in (tmp_path / "all" / f"{split}.jsonl").read_text().splitlines()]
+        by_id = {r["id"]: r for r in rows_all}
+        assert all(by_id[r["id"]] == r for r in rows_one)  # "all" adds samples and changes none
+        scenes = {}
+        for r in rows_all:
+            scenes.setdefault(r["meta"]["scene"], []).append(r)
+        for rows in scenes.values():
+            qa = {_question_text(r): r["meta"] for r in rows if r["meta"]["task"] == "qa"}
+            pairs = [r for r in rows if r["meta"]["task"] == "preference"]
+            assert sorted(_question_text(r) for r in pairs) == sorted(qa)  # every question once
+            for r in pairs:
+                meta, pref = qa[_question_text(r)], r["preference"]
+                assert pref["prompt"] == r["conversations"][0]["value"]
+                assert r["meta"]["question_type"] == meta["question_type"]
+                assert pref["chosen"] == meta["answer_text"]  # the answer the QA sample gives
+                wrong = [o for o in meta["options"] if o != meta["answer_text"]] if "options" in meta else None
+                assert pref["rejected"] != pref["chosen"]
+                if wrong is not None:
+                    assert pref["rejected"] in wrong
+                checked += 1
+    assert checked == every["tasks"]["preference"]
+    assert load_samples(tmp_path / "all" / "train.jsonl")  # the validator accepts the new samples
+
+
+def test_preference_pairs_all_rejects_every_wrong_option_sometimes(tmp_path):
+    """The rejected answer is drawn among the question's wrong options, not always the same one."""
+    synthesize(tmp_path, num=60, seed=2, preference_pairs="all")
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    rejected = {}
+    for r in rows:
+        if r["meta"]["task"] == "preference" and r["meta"]["question_type"] == "direction":
+            rejected.setdefault(r["preference"]["chosen"], set()).add(r["preference"]["rejected"])
+    assert rejected and all(len(v) >= 2 for v in rejected.values()), rejected
+
+
 def _digest(folder):
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -317,6 +368,10 @@ def test_main_writes_files_and_prints_the_summary(tmp_path, capsys):
     assert sum(len(load_samples(tmp_path / f"{s}.jsonl")) for s in ("train", "val", "test")) == printed["num_samples"]
     video = next((tmp_path / "media").glob("*.npy"))
     assert np.load(video).shape == (6, 48, 48, 3)
+    assert printed["preference_pairs"] == "one"
+    assert main(["--out", str(tmp_path / "all"), "--num", "5", "--seed", "1", "--preference-pairs", "all"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["preference_pairs"] == "all" and printed["tasks"]["preference"] == printed["tasks"]["qa"]
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -326,6 +381,10 @@ def test_bad_arguments_are_named(tmp_path):
         synthesize(tmp_path, num=1, frames=2)
     with pytest.raises(SystemExit):
         main(["--num", "3"])  # --out is required
+    with pytest.raises(ValueError, match="preference_pairs"):
+        synthesize(tmp_path, num=1, preference_pairs="every")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--num", "3", "--preference-pairs", "every"])
 
 
 def test_at_least_1000_samples_a_minute(tmp_path):

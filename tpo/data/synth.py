@@ -14,7 +14,8 @@ front of each other. From the scene's own state come
 * masks: COCO RLE of the shape's visible pixels, per frame;
 * tracks: per-frame boxes of one shape from the box where it first appears;
 * a detailed, correct description, sentence by sentence (a judge's context),
-  and preference pairs (the correct answer chosen over a wrong one).
+  and preference pairs (the correct answer chosen over a wrong option): one
+  per scene, or with ``preference_pairs="all"`` one per question.
 
 Time follows :mod:`tpo.data.video`: frame ``i`` of ``T`` covers
 ``[i/T, (i+1)/T)``; an event on frames ``a..b`` has the span ``[a/T, (b+1)/T]``.
@@ -33,7 +34,7 @@ seed gives the same files on any machine and with any number of workers.
 
 Command line (``tpo data synth`` calls :func:`main`)::
 
-    tpo data synth --out DIR --num N --seed S [--frames T --size H]
+    tpo data synth --out DIR --num N --seed S [--frames T --size H] [--preference-pairs all]
 
 writes ``DIR/{train,val,test}.jsonl``, ``DIR/media/`` and ``DIR/summary.json``.
 """
@@ -71,6 +72,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 SPLITS = ("train", "val", "test")
 TASKS = ("qa", "grounding", "temporal_grounding", "segmentation", "tracking", "caption", "preference")
 LETTERS = "ABCDEFGH"
+PREFERENCE_PAIRS = ("one", "all")
 MIN_VISIBLE_FRACTION = 0.4
 MIN_VISIBLE_PIXELS = 6
 
@@ -537,8 +539,12 @@ def _mc_text(question: str, options: list[str]) -> str:
     return "\n".join(lines + ["Answer with the option's letter."])
 
 
-def scene_samples(scene: Scene, media_path: str, split: str, seed: int) -> list[dict]:
-    """Every sample (JSON dict) of one scene; ``media_path`` is relative to the JSONL folder."""
+def scene_samples(scene: Scene, media_path: str, split: str, seed: int, preference_pairs: str = "one") -> list[dict]:
+    """Every sample (JSON dict) of one scene; ``media_path`` is relative to the JSONL folder.
+    ``preference_pairs``: ``"one"`` preference pair per scene (a random question's) or ``"all"``
+    (one per question of the scene: the samples of ``"one"``, unchanged, then the other questions' pairs)."""
+    if preference_pairs not in PREFERENCE_PAIRS:
+        raise ValueError(f"preference_pairs must be one of {PREFERENCE_PAIRS}, got {preference_pairs!r}")
     rng = np.random.default_rng([seed, scene.index, 1])
     events = scene_events(scene)
     desc = describe(scene, events)
@@ -571,13 +577,17 @@ def scene_samples(scene: Scene, media_path: str, split: str, seed: int) -> list[
         else:
             add("qa", q.text, q.answer, {**meta, "answer_type": "open", "answer": q.answer})
 
-    # preference: the correct answer over a wrong option
-    q = questions[int(rng.integers(len(questions)))]
-    wrong = [o for o in q.options if o != q.answer]
-    rejected = wrong[int(rng.integers(len(wrong)))]
-    prompt = f"{token}\n{q.text}"
-    add("preference", q.text, None, {"question_type": q.qtype, "localisation": q.localisation},
-        preference={"prompt": prompt, "chosen": q.answer, "rejected": rejected, "judge": "synthetic ground truth"})
+    # preference: the correct answer over a wrong option (of one question here; with preference_pairs="all"
+    # the other questions' pairs come last, from their own random stream, so every other sample is the same)
+    def add_pair(q: Question, draw: np.random.Generator) -> None:
+        wrong = [o for o in q.options if o != q.answer]
+        rejected = wrong[int(draw.integers(len(wrong)))]
+        add("preference", q.text, None, {"question_type": q.qtype, "localisation": q.localisation},
+            preference={"prompt": f"{token}\n{q.text}", "chosen": q.answer, "rejected": rejected,
+                        "judge": "synthetic ground truth"})
+
+    picked = int(rng.integers(len(questions)))
+    add_pair(questions[picked], rng)
 
     # referring boxes
     k = int(rng.integers(len(shapes)))
@@ -633,6 +643,11 @@ def scene_samples(scene: Scene, media_path: str, split: str, seed: int) -> list[
             {"object": s.name}, tracks=[track])
 
     add("caption", f"Describe the {'video' if scene.is_video else 'image'} in detail.", " ".join(desc), {})
+    if preference_pairs == "all":
+        extra = np.random.default_rng([seed, scene.index, 2])
+        for i, q in enumerate(questions):
+            if i != picked:
+                add_pair(q, extra)
     return samples
 
 
@@ -650,7 +665,7 @@ def split_of(index: int, num: int, fractions: Sequence[float] = (0.8, 0.1, 0.1))
 
 
 def _write_scene(args) -> list[dict]:
-    index, num, seed, frames, size, image_fraction, fractions, out_dir = args
+    index, num, seed, frames, size, image_fraction, fractions, out_dir, preference_pairs = args
     scene = make_scene(index, seed, frames, size, image_fraction)
     split = split_of(index, num, fractions)
     if scene.is_video:
@@ -661,7 +676,7 @@ def _write_scene(args) -> list[dict]:
 
         rel = f"media/scene{index:06d}.png"
         Image.fromarray(scene.frames()[0]).save(os.path.join(out_dir, rel), compress_level=1)
-    return scene_samples(scene, rel, split, seed)
+    return scene_samples(scene, rel, split, seed, preference_pairs)
 
 
 def synthesize(
@@ -674,10 +689,15 @@ def synthesize(
     splits: Sequence[float] = (0.8, 0.1, 0.1),
     workers: int = 1,
     verbose: bool = False,
+    preference_pairs: str = "one",
 ) -> dict:
     """Render ``num`` scenes (each gives about 8 image or 13 video samples)
     into ``out_dir``: ``{train,val,test}.jsonl``, ``media/`` and
-    ``summary.json``. Returns the summary (counts per split, task, question
+    ``summary.json``. ``preference_pairs``: ``"one"`` preference pair per
+    scene (the correct answer of a random question of the scene over one of
+    its wrong options) or ``"all"`` (such a pair for every question: about 5
+    per image, 7 per video; a superset of ``"one"``, every other sample
+    unchanged). Returns the summary (counts per split, task, question
     type, answer type and localisation; plus timing, which summary.json leaves
     out so that the files of a seed are identical run to run)."""
     if num < 1:
@@ -688,12 +708,15 @@ def synthesize(
         raise ValueError(f"size must be >= 32 pixels, got {size}")
     if not 0.0 <= image_fraction <= 1.0:
         raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction}")
+    if preference_pairs not in PREFERENCE_PAIRS:
+        raise ValueError(f"preference_pairs must be one of {PREFERENCE_PAIRS}, got {preference_pairs!r}")
     if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) <= 0:
         raise ValueError(f"splits are three non-negative fractions (train, val, test), got {list(splits)}")
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     start = time.perf_counter()
-    jobs = [(i, num, seed, frames, size, image_fraction, tuple(splits), out_dir) for i in range(num)]
+    jobs = [(i, num, seed, frames, size, image_fraction, tuple(splits), out_dir, preference_pairs)
+            for i in range(num)]
     handles = {s: open(os.path.join(out_dir, f"{s}.jsonl"), "w", encoding="utf-8") for s in SPLITS}
     counts = {key: Counter() for key in ("splits", "scenes", "tasks", "question_types", "answer_types", "localisation")}
     media = Counter()
@@ -730,7 +753,7 @@ def synthesize(
     n_samples = sum(counts["splits"].values())
     summary = {
         "seed": seed, "frames": frames, "size": size, "image_fraction": image_fraction,
-        "num_scenes": num, "num_samples": n_samples,
+        "num_scenes": num, "num_samples": n_samples, "preference_pairs": preference_pairs,
         "media": dict(sorted(media.items())),
         "splits": {s: {"scenes": counts["scenes"][s], "samples": counts["splits"][s]} for s in SPLITS},
         "tasks": {t: counts["tasks"][t] for t in TASKS},
@@ -759,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-fraction", type=float, default=0.25, help="share of scenes that are images")
     parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes")
+    parser.add_argument("--preference-pairs", choices=PREFERENCE_PAIRS, default="one",
+                        help="preference pairs: one per scene (a random question's) or one per question")
     return parser
 
 
@@ -768,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = synthesize(
         args.out, args.num, args.seed, frames=args.frames, size=args.size, image_fraction=args.image_fraction,
-        splits=args.splits, workers=args.workers, verbose=True,
+        splits=args.splits, workers=args.workers, verbose=True, preference_pairs=args.preference_pairs,
     )
     print(json.dumps(summary, indent=2))
     return 0
