@@ -401,6 +401,10 @@ class Question:
     options: list[str]  # candidate answers, the correct one included
     localisation: str  # none | space | time
     obj: int | None = None
+    # wrong options that are the right answers of sibling questions about the same scene (the count of
+    # another shape, at another time): a preference pair rejects one of them when there are any, so
+    # that chosen and rejected answers come from the same distribution and their text alone tells nothing
+    foils: tuple[str, ...] = ()
 
 
 def _options(rng: np.random.Generator, answer: str, pool: Sequence[str], n: int = 4) -> list[str]:
@@ -458,17 +462,25 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
     text, k, loc = variants[int(rng.integers(len(variants)))]
     qs.append(Question("shape", text, shapes[k].shape, _options(rng, shapes[k].shape, shapes_all), loc, k))
 
-    # count
+    # count; the wrong options are first the answers of the same question at another time or about
+    # another shape (so they follow the answers' own distribution), then the numbers nearest the answer
     if scene.is_video and rng.random() < 0.5:
         t = int(rng.integers(T))
         n = sum(s.present(t) for s in shapes)
+        siblings = [sum(s.present(u) for s in shapes) for u in range(T) if u != t]
         text, loc = f"How many shapes are visible at {fmt_time(t / T)}?", "time"
     else:
         shape = str(rng.choice(SHAPES))
         n = shape_counts[shape]
+        siblings = [shape_counts[other] for other in SHAPES if other != shape]
         where = "appear in the video" if scene.is_video else "are in the image"
         text, loc = f"How many {PLURALS[shape]} {where}?", "none"
-    qs.append(Question("count", text, str(n), _options(rng, str(n), [str(i) for i in range(6)]), loc))
+    foils = [str(v) for v in dict.fromkeys(siblings[i] for i in rng.permutation(len(siblings))) if v != n][:3]
+    near = sorted((v for v in range(max(6, n + 4)) if v != n and str(v) not in foils),
+                  key=lambda v: (abs(v - n), rng.random()))
+    wrong = foils + [str(v) for v in near[: 3 - len(foils)]]
+    options = [(wrong + [str(n)])[i] for i in rng.permutation(4)]
+    qs.append(Question("count", text, str(n), options, loc, foils=tuple(foils)))
 
     # position
     k = int(rng.integers(len(shapes)))
@@ -521,13 +533,26 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
             return f"the {name} {verb}"
 
         ans = say(e.kind, shapes[e.obj].name, e.direction)
-        pool = [say(x.kind, shapes[x.obj].name, x.direction) for x in events
-                if x.kind in ("enter", "leave", "move") and x is not e]
+        kind_of = {say(x.kind, shapes[x.obj].name, x.direction): x.kind for x in events
+                   if x.kind in ("enter", "leave", "move") and x is not e}
+        # made-up events of absent colours: the first of the answer's kind, the others of the kinds of this
+        # scene's events
+        real = [x.kind for x in events if x.kind in ("enter", "leave", "move")]
         absent = [c for c in COLORS if c not in {s.color for s in shapes}]
-        for c in absent[:3]:
-            pool.append(say(str(rng.choice(["enter", "leave"])), f"{c} {rng.choice(SHAPES)}"))
-        qs.append(Question("event", f"What happens at {fmt_time(e.first / T)}?", ans, _options(rng, ans, pool),
-                           "time", e.obj))
+        for n, i in enumerate(rng.permutation(len(absent))[:3]):
+            kind = e.kind if n == 0 else real[int(rng.integers(len(real)))]
+            direction = str(rng.choice(list(DIRECTIONS))) if kind == "move" else None
+            kind_of.setdefault(say(kind, f"{absent[i]} {rng.choice(SHAPES)}", direction), kind)
+        kind_of.pop(ans, None)
+        # one wrong option of the answer's kind, the preference pair's rejected answer: "enters" or
+        # "starts moving" alone then says nothing about which option happened
+        same = [o for o, k in kind_of.items() if k == e.kind]
+        foil = same[int(rng.integers(len(same)))]
+        options = _options(rng, ans, [o for o in kind_of if o != foil], n=3) + [foil]
+        options = [options[i] for i in rng.permutation(len(options))]
+        foils = tuple(o for o in options if o != ans and kind_of[o] == e.kind)
+        qs.append(Question("event", f"What happens at {fmt_time(e.first / T)}?", ans, options, "time", e.obj,
+                           foils=foils))
     return qs
 
 
@@ -580,7 +605,7 @@ def scene_samples(scene: Scene, media_path: str, split: str, seed: int, preferen
     # preference: the correct answer over a wrong option (of one question here; with preference_pairs="all"
     # the other questions' pairs come last, from their own random stream, so every other sample is the same)
     def add_pair(q: Question, draw: np.random.Generator) -> None:
-        wrong = [o for o in q.options if o != q.answer]
+        wrong = list(q.foils) or [o for o in q.options if o != q.answer]
         rejected = wrong[int(draw.integers(len(wrong)))]
         add("preference", q.text, None, {"question_type": q.qtype, "localisation": q.localisation},
             preference={"prompt": f"{token}\n{q.text}", "chosen": q.answer, "rejected": rejected,
