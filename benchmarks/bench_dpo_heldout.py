@@ -147,15 +147,17 @@ def _parse_options(pairs: list[str]) -> dict:
     return out
 
 
-def sft_stage(data: Path, steps: int, seed: int, options: dict, work_dir: Path, blind: bool) -> tuple[str, float]:
-    """SFT on the training scenes' answers (QA samples, multiple-choice and open, and the
-    preference samples' chosen answers); returns the final checkpoint and the seconds it took."""
+def sft_stage(data: Path, steps: int, seed: int, options: dict, work_dir: Path, blind: bool,
+              tasks: list[str]) -> tuple[str, float]:
+    """SFT on the training scenes' samples of ``tasks`` (QA: multiple-choice and open answers;
+    preference: the pairs' chosen answers; caption: the detailed descriptions); returns the final
+    checkpoint and the seconds it took."""
     from tpo.data import SampleDataset
     from tpo.engine import Trainer
 
     opts = {**QUIET, "data.val": None, "train.max_steps": steps, "train.seed": seed, "evaluation.interval": None,
             "evaluation.at_end": False, "checkpoint.save_final": True, **options}
-    train_ds = SampleDataset(str(data / "train.jsonl"), num_frames=8, tasks=["qa", "preference"])
+    train_ds = SampleDataset(str(data / "train.jsonl"), num_frames=8, tasks=tasks)
     tic = time.perf_counter()
     trainer = Trainer(str(SFT_CONFIG), cfg_options=opts, work_dir=str(work_dir),
                       train_dataset=BlindDataset(train_ds) if blind else train_ds)
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preference-pairs", choices=("one", "all"), default="all")
     parser.add_argument("--steps", type=int, default=300, help="DPO steps of the synth runs")
     parser.add_argument("--sft-steps", type=int, default=0, help="SFT steps before DPO (0: DPO from the random init)")
+    parser.add_argument("--sft-tasks", nargs="+", default=["qa", "preference"],
+                        help="the training scenes' samples the SFT stage learns (qa, preference, caption, ...)")
     parser.add_argument("--synth-options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config options of the synth runs' model and training (both stages), e.g. "
                              "model.vision_encoder.freeze=False model.vision_encoder.model_kwargs.patch_size=4")
@@ -234,8 +238,8 @@ def main(argv=None) -> int:
                 load_from, sft = None, ""
                 if args.sft_steps:  # the blind control's SFT stage is blind too
                     load_from, sft_seconds = sft_stage(data, args.sft_steps, seed, options,
-                                                       Path(tmp) / f"sft{seed}-{int(blind)}", blind)
-                    sft = f"after {args.sft_steps} SFT steps ({sft_seconds:.0f} s)"
+                                                       Path(tmp) / f"sft{seed}-{int(blind)}", blind, args.sft_tasks)
+                    sft = f"after {args.sft_steps} SFT steps on {'+'.join(args.sft_tasks)} ({sft_seconds:.0f} s)"
                 row = synth_run(data, summary, args.steps, seed, Path(tmp) / f"synth{seed}-{int(blind)}", blind,
                                 options, load_from)
                 row["note"] = "; ".join(x for x in (sft, " ".join(args.synth_options)) if x)

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tpo.data.synth import synthesize
 from tpo.engine.experiment import format_table, reroot, run_experiment
@@ -82,8 +83,11 @@ def test_experiment_end_to_end(tmp_path):
         f"runs = dict(sft=dict(config={str(ROOT / 'configs/sft/tiny_cpu.py')!r}, cfg_options={{'train.max_steps': 3}}),\n"
         f"            tpo=dict(config={str(RECIPE)!r}, cfg_options={{'stages': [dict(name='all', train=dict(max_steps=3))]}}))\n"
         "evaluation = dict(split='test', max_new_tokens=4, limit=6)\n"
+        "threads = 1\n"
     )
+    torch.set_num_threads(2)  # the experiment runs on one thread, then gives the caller's setting back
     summary = run_experiment(config, work_dir=str(tmp_path / "run"))
+    assert torch.get_num_threads() == 2
     assert set(summary["results"]) == {"sft", "tpo"} and summary["steps"] == {"sft": 3, "tpo": 3}
     assert (tmp_path / "run" / "results.json").is_file() and Path(summary["plots"][0]).is_file()
     assert "| tpo |" in summary["table"]
@@ -91,3 +95,7 @@ def test_experiment_end_to_end(tmp_path):
     bad.write_text(config.read_text().replace("'train.max_steps': 3", "'train.max_steps': 4"))
     with pytest.raises(ValueError, match="same budget"):
         run_experiment(bad, work_dir=str(tmp_path / "bad"))
+    for threads in (0, "2", True):
+        with pytest.raises(ValueError, match="threads: torch's intra-op threads"):
+            run_experiment(config, cfg_options={"threads": threads}, work_dir=str(tmp_path / "threads"))
+    assert not (tmp_path / "threads").exists()  # refused before the benchmark is written

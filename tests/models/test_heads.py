@@ -12,15 +12,6 @@ B, T, GRID, C, D = 2, 3, (4, 4), 16, 32
 IMAGE = (16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is faster than two fighting over two cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def visual(t=T, batch=B, seed=0):
     g = torch.Generator().manual_seed(seed)
     return dict(features=torch.randn(batch, t, GRID[0] * GRID[1], C, generator=g), grid_size=GRID, image_size=IMAGE)

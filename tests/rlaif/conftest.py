@@ -16,19 +16,6 @@ if HERE not in sys.path:
 from rlaif_testkit import GEN_CONFIG, NUM_FRAMES, QUIET, RM_CONFIG, SFT_CONFIG, generation_options  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """The tiny models of these tests run far faster on one thread, and a
-    shared CPU makes a second thread spin (measured: 40 us vs 16 ms per small
-    matmul under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     from tpo.data import synthesize

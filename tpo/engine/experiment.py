@@ -9,8 +9,11 @@ The config names the benchmark (``synth=dict(num=..., seed=..., frames=...,
 size=...)``), the runs (``runs=dict(sft=dict(config=..., cfg_options=...),
 tpo=dict(config=...))``: training configs, staged or not, whose data paths
 under ``data_root`` are re-rooted to the benchmark written here) and the
-evaluation (``evaluation=dict(split="test", limit=..., max_new_tokens=...)``).
-Finished parts are not run again: the experiment resumes where it stopped.
+evaluation (``evaluation=dict(split="test", limit=..., max_new_tokens=...)``); optionally
+``threads``, torch's intra-op threads for the whole experiment (tiny models run
+fastest on one: on a machine busy with other jobs, several threads spin
+against each other and take many times longer). Finished parts are not run
+again: the experiment resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from tpo.registry import load_config
 
@@ -71,14 +76,30 @@ def _steps(cfg: Mapping[str, Any]) -> int:
 
 
 def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None) -> dict:
+    cfg = load_config(config, cfg_options)
+    if work_dir:
+        cfg["work_dir"] = work_dir
+    threads = cfg.get("threads")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: torch's intra-op threads, a positive int (or None for torch's default), "
+                             f"got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _run(config, cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(config, cfg) -> dict:
     from tpo.data.datasets import SampleDataset
     from tpo.data.synth import synthesize
     from tpo.evaluation import evaluate
     from tpo.models.utils import load_model_weights
     from tpo.registry import build_model
 
-    cfg = load_config(config, cfg_options)
-    root = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(str(config)).stem)
+    root = Path(cfg.get("work_dir") or Path("work_dirs") / Path(str(config)).stem)
     synth_cfg = dict(cfg.get("synth", {}))
     data_root = cfg.get("data_root", "work_dirs/synth")
     synth_dir = root / "synth"
