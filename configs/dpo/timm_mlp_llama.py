@@ -4,9 +4,9 @@
 #   tpo train configs/sft/timm_mlp_llama.py      # optional: SFT first, then start DPO from its weights:
 #   tpo train configs/dpo/timm_mlp_llama.py \
 #       --cfg-options load_from=work_dirs/sft_timm_mlp_llama/checkpoints/step_00000200
-# What to expect (benchmarks/bench_dpo_heldout.py): from the random init, 300 steps on the pairs of 400
-# scenes rank 54-56% of held-out pairs right, no better than the same run with black frames: the tiny
-# model learns the answers' text priors (counts, events), not the pixels, within a CPU budget.
+# What to expect (benchmarks/bench_dpo_heldout.py): 300 steps on the pairs of 400 scenes rank 46-53% of
+# held-out pairs right, no better than the same run with black frames (49%): within a CPU budget the tiny
+# model does not learn to read the answers from the frames (a pretrained vision tower is what real runs use).
 # Other losses: algorithm.loss=dict(type="DPOLoss", loss_type="ipo") / dict(type="SimPOLoss") (reference-free).
 # Reference: "copy" (a frozen copy), "adapter" (LoRA models: adapters disabled), "precomputed" (log-probs
 # computed once, cached in the work dir).
