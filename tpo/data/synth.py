@@ -15,7 +15,10 @@ front of each other. From the scene's own state come
 * tracks: per-frame boxes of one shape from the box where it first appears;
 * a detailed, correct description, sentence by sentence (a judge's context),
   and preference pairs (the correct answer chosen over a wrong option): one
-  per scene, or with ``preference_pairs="all"`` one per question.
+  per scene, or with ``preference_pairs="all"`` one per question. The wrong
+  options are drawn so that an answer's text alone does not tell right from
+  wrong (a count pair rejects the count of another shape or at another time,
+  an event pair an event of the same kind): only the frames do.
 
 Time follows :mod:`tpo.data.video`: frame ``i`` of ``T`` covers
 ``[i/T, (i+1)/T)``; an event on frames ``a..b`` has the span ``[a/T, (b+1)/T]``.
