@@ -9,6 +9,6 @@ runs = dict(
 )
 same_budget = True
 evaluation = dict(split="test", max_new_tokens=24)
-# torch intra-op threads: the tiny models run fastest on one (a machine busy with other jobs makes two threads
-# spin against each other: measured under a load of 5, 44 s on one thread, 249 s on two)
+# torch intra-op threads: one. Measured on 2 cores: 38 s on one thread, 34 s on two when nothing else runs, but
+# under a load of 5 from other jobs 44 s on one and 249 s on two (the two threads spin against each other).
 threads = 1
