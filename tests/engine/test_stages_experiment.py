@@ -88,13 +88,16 @@ def test_experiment_end_to_end(tmp_path):
     torch.set_num_threads(2)  # the experiment runs on one thread, then gives the caller's setting back
     summary = run_experiment(config, work_dir=str(tmp_path / "run"))
     assert torch.get_num_threads() == 2
-    assert set(summary["results"]) == {"sft", "tpo"} and summary["steps"] == {"sft": 3, "tpo": 3}
+    assert set(summary["results"]) == {"sft", "tpo", "no-input"} and summary["steps"] == {"sft": 3, "tpo": 3}
     assert (tmp_path / "run" / "results.json").is_file() and Path(summary["plots"][0]).is_file()
-    assert "| tpo |" in summary["table"]
+    assert "| tpo |" in summary["table"] and "| no-input |" in summary["table"]
+    assert set(summary["results"]["no-input"]) >= {"qa/accuracy", "temporal/R@0.5", "count/qa"}
     bad = tmp_path / "bad.py"
     bad.write_text(config.read_text().replace("'train.max_steps': 3", "'train.max_steps': 4"))
     with pytest.raises(ValueError, match="same budget"):
         run_experiment(bad, work_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="none called 'no-input'"):
+        run_experiment(config, cfg_options={"runs.no-input": {"config": "x.py"}}, work_dir=str(tmp_path / "named"))
     for threads in (0, "2", True):
         with pytest.raises(ValueError, match="threads: torch's intra-op threads"):
             run_experiment(config, cfg_options={"threads": threads}, work_dir=str(tmp_path / "threads"))

@@ -4,7 +4,7 @@ import pytest
 
 from tpo.data.datasets import SampleDataset
 from tpo.data.synth import synthesize
-from tpo.evaluation import evaluate, parse_box, parse_span
+from tpo.evaluation import evaluate, evaluate_trivial, parse_box, parse_span
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,33 @@ def test_real_models_are_evaluated(dataset):
     for config in ("configs/mllm/timm_mlp_llama.py", "configs/tpo/timm_mlp_llama.py"):
         report = evaluate(build_model(config), dataset, max_new_tokens=4, limit=12)
         assert report["count/qa"] + report["count/box"] + report["count/temporal"] + report["count/mask"] > 0
+
+
+def test_the_no_input_reference_scores_what_its_answers_are_worth(dataset):
+    """Option A, the whole frame and the whole clip, checked against numbers computed here from the
+    annotations: the fraction of multiple-choice answers that are A, the box areas, the span lengths and
+    the masks' share of the frame."""
+    report = evaluate_trivial(dataset)
+    qa, areas, lengths, shares = [], [], [], []
+    for item in dataset:
+        meta = item.get("meta") or {}
+        if meta.get("task") == "qa":
+            qa.append(meta.get("answer_type") == "mc" and meta["answer"] == "A")
+        elif meta.get("task") == "grounding" and len(item["boxes"]):
+            x1, y1, x2, y2 = item["boxes"][0].tolist()
+            areas.append((x2 - x1) * (y2 - y1))
+        elif meta.get("task") == "temporal_grounding" and len(item["spans"]):
+            lengths.append(float(item["spans"][0, 1] - item["spans"][0, 0]))
+        elif meta.get("task") == "segmentation" and item.get("masks") is not None:
+            masks = item["masks"].bool()
+            masks = masks[None] if masks.dim() == 2 else masks
+            valid = item.get("mask_valid")
+            frames = range(masks.shape[0]) if valid is None else [t for t in range(masks.shape[0]) if valid[t]]
+            shares.append(np.mean([masks[t].float().mean().item() for t in frames]))
+    assert len(qa) and len(areas) and len(lengths) and len(shares)
+    assert report["qa/accuracy"] == pytest.approx(np.mean(qa)) and 0 < report["qa/accuracy"] < 1
+    assert report["box/miou"] == pytest.approx(np.mean(areas), rel=1e-5)
+    assert report["temporal/mIoU"] == pytest.approx(np.mean(lengths), rel=1e-5)
+    assert report["temporal/R@0.5"] == pytest.approx(np.mean(np.array(lengths) >= 0.5))
+    assert report["mask/miou"] == pytest.approx(np.mean(shares), rel=1e-5)
+    assert report["box/unanswered"] == report["temporal/unanswered"] == report["mask/unanswered"] == 0

@@ -2,7 +2,9 @@
 
 It writes a synthetic benchmark, trains an SFT-only baseline and a TPO model
 (its three stages) with the same number of optimiser steps, evaluates both on
-the held-out split (QA accuracy, box Acc@0.5, temporal R@0.5, mask IoU), and
+the held-out split (QA accuracy, box Acc@0.5, temporal R@0.5, mask IoU) next to
+answers that look at nothing (the ``no-input`` row: option A, the whole frame,
+the whole clip; a run's number means something where it beats that row), and
 prints the table and the paths of the plots.
 
 The config names the benchmark (``synth=dict(num=..., seed=..., frames=...,
@@ -29,6 +31,7 @@ from tpo.registry import load_config
 
 METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
            ("mask/miou", "mask IoU")]
+NO_INPUT = "no-input"  # the table's reference row: option (A), the whole frame as box and mask, the whole clip
 
 
 def reroot(value: Any, old: str, new: str) -> Any:
@@ -95,7 +98,7 @@ def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_di
 def _run(config, cfg) -> dict:
     from tpo.data.datasets import SampleDataset
     from tpo.data.synth import synthesize
-    from tpo.evaluation import evaluate
+    from tpo.evaluation import evaluate, evaluate_trivial
     from tpo.models.utils import load_model_weights
     from tpo.registry import build_model
 
@@ -103,6 +106,9 @@ def _run(config, cfg) -> dict:
     synth_cfg = dict(cfg.get("synth", {}))
     data_root = cfg.get("data_root", "work_dirs/synth")
     synth_dir = root / "synth"
+    if not cfg.get("runs") or NO_INPUT in cfg["runs"]:
+        raise ValueError(f"runs: name at least one run (dict(name=dict(config=...))), none called {NO_INPUT!r} "
+                         f"(the table's row of answers that look at nothing), got {list(cfg.get('runs') or [])}")
     runs = {name: _run_config(run, data_root, synth_dir) for name, run in cfg["runs"].items()}
     steps = {name: _steps(run_cfg) for name, (run_cfg, _) in runs.items()}
     if cfg.get("same_budget", True) and len(set(steps.values())) > 1:
@@ -124,6 +130,7 @@ def _run(config, cfg) -> dict:
         print(f"[experiment] evaluating {name} on {split}", flush=True)
         results[name] = evaluate(model, dataset, **eval_cfg)
         results[name]["final_checkpoint"] = final
+    results[NO_INPUT] = evaluate_trivial(dataset, limit=eval_cfg.get("limit"))
     table = format_table(results)
     plots = plot_results(results, root)
     summary = {"results": results, "steps": steps, "wall_time_s": round(time.time() - started, 1),

@@ -1,7 +1,7 @@
 """Evaluation: metrics (plain functions and ``METRICS``-registered classes).
 Importing this package registers the metrics in ``tpo.registry.METRICS``."""
 from . import metrics  # noqa: F401
-from .evaluate import evaluate, parse_box, parse_span  # noqa: F401
+from .evaluate import evaluate, evaluate_trivial, parse_box, parse_span  # noqa: F401
 from .metrics import (
     BoxMetric,
     MaskMetric,

@@ -53,6 +53,38 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
 
     model.eval()
     is_tpo = isinstance(model, TPOModel)
+
+    def answer(item: dict) -> tuple[str, dict]:
+        media = {"image" if item["media_type"] == "image" else "video": item["media"]}
+        if is_tpo:
+            size = tuple(item["media"].shape[-2:])
+            result = model.predict(_question(item), max_new_tokens=max_new_tokens,
+                                   head_inputs={"output_size": size}, **media)
+            return result["text"], result["tasks"]
+        return model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
+
+    return _score(dataset, answer, limit)
+
+
+def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None) -> dict[str, Any]:
+    """The metrics of :func:`evaluate` for answers that look at nothing: option
+    (A) for every question (right on the multiple-choice ones whose answer is
+    A, wrong on the open ones), the whole frame as the box and as the mask,
+    the whole clip as the span. A model's number means something where it
+    beats this one (on short clips, the whole clip already overlaps most spans)."""
+
+    def answer(item: dict) -> tuple[str, dict]:
+        heads = {"region": {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]])},
+                 "temporal": {"spans": torch.tensor([[0.0, 1.0]])}}
+        if item.get("masks") is not None:
+            heads["mask"] = {"masks": torch.ones_like(item["masks"], dtype=torch.bool)[None]}
+        return "A", heads
+
+    return _score(dataset, answer, limit)
+
+
+def _score(dataset: Iterable[dict], answer, limit: int | None) -> dict[str, Any]:
+    """Score ``answer(item) -> (text, task head outputs)`` on the evaluated items of ``dataset``."""
     qa, boxes, spans, masks = [], [], [], []
     unanswered = {"box": 0, "temporal": 0, "mask": 0}
     for n, item in enumerate(dataset):
@@ -61,15 +93,7 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
         task = (item.get("meta") or {}).get("task")
         if task not in ("qa", "grounding", "temporal_grounding", "segmentation"):
             continue
-        kind = "image" if item["media_type"] == "image" else "video"
-        media = {kind: item["media"]}
-        if is_tpo:
-            size = tuple(item["media"].shape[-2:])
-            result = model.predict(_question(item), max_new_tokens=max_new_tokens,
-                                   head_inputs={"output_size": size}, **media)
-            text, heads = result["text"], result["tasks"]
-        else:
-            text, heads = model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
+        text, heads = answer(item)
         meta = item["meta"]
         if task == "qa":
             qa.append(qa_correct(text, meta["answer"], meta.get("answer_type", "open"), meta.get("options")))
