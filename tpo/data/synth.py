@@ -542,8 +542,8 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
         # scene's events
         real = [x.kind for x in events if x.kind in ("enter", "leave", "move")]
         absent = [c for c in COLORS if c not in {s.color for s in shapes}]
-        for n, i in enumerate(rng.permutation(len(absent))[:3]):
-            kind = e.kind if n == 0 else real[int(rng.integers(len(real)))]
+        for j, i in enumerate(rng.permutation(len(absent))[:3]):
+            kind = e.kind if j == 0 else real[int(rng.integers(len(real)))]
             direction = str(rng.choice(list(DIRECTIONS))) if kind == "move" else None
             kind_of.setdefault(say(kind, f"{absent[i]} {rng.choice(SHAPES)}", direction), kind)
         kind_of.pop(ans, None)
