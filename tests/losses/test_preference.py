@@ -8,7 +8,6 @@ import torch
 
 from tpo.losses.preference import (
     DPO_LOSS_TYPES,
-    CombinedPreferenceLoss,
     CPOLoss,
     DPOLoss,
     KTOLoss,

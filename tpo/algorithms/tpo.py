@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from tpo.registry import ALGORITHMS, current_config_key

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 from tpo.kernels import fused_linear_logprob
 from tpo.registry import LLMS, MODELS, PROJECTORS, TOKENIZERS, VISION_ENCODERS, build_child, current_config_key
