@@ -102,3 +102,16 @@ def test_experiment_end_to_end(tmp_path):
         with pytest.raises(ValueError, match="threads: torch's intra-op threads"):
             run_experiment(config, cfg_options={"threads": threads}, work_dir=str(tmp_path / "threads"))
     assert not (tmp_path / "threads").exists()  # refused before the benchmark is written
+
+
+def test_the_scaled_experiment_gives_each_run_900_steps(monkeypatch, tmp_path):
+    """configs/experiments/small_cpu.py scales the main job through its runs' cfg_options (list items of the
+    TPO stages included); checked without training."""
+    from tpo.engine.experiment import _run_config, _steps
+    from tpo.registry import load_config
+
+    monkeypatch.chdir(ROOT)  # the experiment configs name their runs' configs from the repository root
+    cfg = load_config("configs/experiments/small_cpu.py")
+    runs = {name: _run_config(run, cfg["data_root"], tmp_path) for name, run in cfg["runs"].items()}
+    assert {name: _steps(run_cfg) for name, (run_cfg, _) in runs.items()} == {"sft": 900, "tpo": 900}
+    assert cfg["synth"]["num"] == 300 and cfg["threads"] == 1
