@@ -83,10 +83,9 @@ def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_di
     if work_dir:
         cfg["work_dir"] = work_dir
     threads = cfg.get("threads")
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads: torch's intra-op threads, a positive int (or None for torch's default), "
-                             f"got {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: torch's intra-op threads, a positive int (or None for torch's default), "
+                         f"got {threads!r}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
