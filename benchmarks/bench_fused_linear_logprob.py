@@ -16,7 +16,12 @@ Providers (all compute the summed log-probs of the labels, then backward from th
   on both backends. This is the path of per-sequence log-probs (DPO with ``strategy="recompute"``);
 * ``eager``  ``logits = h @ W.T`` materialised, fp32 ``log_softmax``, gather (what TRL does);
 * ``liger``  ``LigerFusedLinearCrossEntropyLoss(reduction="sum")`` (the negated sum; Triton, GPU only;
-  it computes the gradients inside its forward, so its "forward" holds the backward's work).
+  it computes the gradients inside its forward, so its "forward" holds the backward's work);
+* ``matmul``  the matmul passes of a recomputing fused op and nothing else, in the BLAS of the device
+  (cuBLAS on GPU): ``h @ W.T`` forward; backward ``h @ W.T`` again, then ``G @ W`` and ``G.T @ h``
+  with that product standing in for the logits' gradient ``G``. No log-softmax, no gather: the
+  floor that the GPU target "forward + backward within 1.5x of cuBLAS's matmul passes" is measured
+  against, and on CPU what the 4/3 argument of ``fused_seq`` against ``eager`` rests on.
 
 Sets: CPU ``H=1024, V=32000`` fp32 over ``N = 1024, 2048, 4096``; GPU ``H=4096, V=128256`` bf16
 over ``N = 2048, 4096, 8192``. Peak memory is measured by ``run_kernel_benchmarks.py`` (one
@@ -86,7 +91,27 @@ def liger_available(device: str) -> tuple[bool, str]:
     return True, ""
 
 
-PROVIDERS = {"fused": _fused, "fused_seq": _fused_seq, "eager": _eager, "liger": _liger}
+class _MatmulPasses(torch.autograd.Function):
+    """Forward: the logits' matmul; backward: the recompute and the two gradient matmuls."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        logits = hidden @ weight.t()
+        return logits[0, 0].clone()  # a scalar: backward() needs one; the product itself is dropped
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        g = hidden @ weight.t()  # the recomputed logits, standing in for their gradient
+        return g @ weight, g.t() @ hidden
+
+
+def _matmul(hidden, weight, labels):
+    return _MatmulPasses.apply(hidden, weight)
+
+
+PROVIDERS = {"fused": _fused, "fused_seq": _fused_seq, "eager": _eager, "liger": _liger, "matmul": _matmul}
 
 
 def available(provider: str, device: str) -> tuple[bool, str]:

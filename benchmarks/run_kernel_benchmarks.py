@@ -224,6 +224,18 @@ def _targets(op: str, rows: list[dict]) -> list[str]:
                 lines.append(f"logprob N={key}: fused/eager peak memory {r['mem']:.3f} (target <= 0.125: "
                              f"{_met(r['mem'] <= 0.125)}); time {r['min']:.2f}x by min, {r['median']:.2f}x by median, "
                              f"{r['cpu']:.2f}x by min CPU time (target <= 1.1: {_met(r['min'] <= 1.1)})")
+            matmul = get.get(("matmul", "fwd+bwd", key))
+            gpu = (matmul or {}).get("device") == "cuda"
+            for name, row in (("fused", fused), ("fused_seq", seq)):
+                if row and matmul:  # the GPU target: within 1.5x of the same matmul passes in cuBLAS
+                    t = row["time_min_s"] / matmul["time_min_s"]
+                    target = f" (target <= 1.5: {_met(t <= 1.5)})" if gpu else ""
+                    lines.append(f"logprob N={key}: {name}/matmul passes (4 matmuls alone) time {t:.2f}x by min{target}")
+            liger = get.get(("liger", "fwd+bwd", key))
+            if fused and liger:  # the GPU target: faster than Liger's fused linear cross-entropy, with less memory
+                r = _ratios(fused, liger)
+                lines.append(f"logprob N={key}: fused/liger time {r['min']:.2f}x by min (target < 1: "
+                             f"{_met(r['min'] < 1)}); peak memory {r['mem']:.3f} (target < 1: {_met(r['mem'] < 1)})")
         else:
             liger = get.get(("liger", "fwd+bwd", key))
             if fused and liger:

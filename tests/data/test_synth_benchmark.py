@@ -10,7 +10,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from tpo.data.schema import decode_mask, load_samples
-from tpo.data.synth import COLORS, main, synthesize
+from tpo.data.synth import COLORS, main, make_scene, synthesize
 from tpo.data.video import frame_timestamps, span_frame_mask
 
 
@@ -427,6 +427,30 @@ def test_bad_arguments_are_named(tmp_path):
         synthesize(tmp_path, num=1, preference_pairs="every")
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--num", "3", "--preference-pairs", "every"])
+
+
+def test_objects_sets_the_shapes_in_a_scene(tmp_path):
+    """``objects`` bounds the number of shapes (the default, 2 to 4, is the benchmark: its scenes are the same
+    with and without the argument); one shape a scene has no order questions and still checks out."""
+    assert {len(make_scene(i, 0).shapes) for i in range(60)} == {2, 3, 4}
+    assert all(make_scene(i, 0).labels.tobytes() == make_scene(i, 0, objects=(2, 4)).labels.tobytes()
+               for i in range(10))
+    assert {len(make_scene(i, 0, objects=(3, 3)).shapes) for i in range(20)} == {3}
+    summary = synthesize(tmp_path, num=40, seed=4, objects=(1, 1), preference_pairs="all")
+    assert summary["objects"] == [1, 1] and "order" not in summary["question_types"]
+    assert {"color", "shape", "count", "position", "event"} <= set(summary["question_types"])
+    assert sum(len(load_samples(tmp_path / f"{s}.jsonl")) for s in ("train", "val", "test")) == summary["num_samples"]
+    for i in range(40):
+        scene = make_scene(i, 4, objects=(1, 1))
+        assert len(scene.shapes) == 1 and set(np.unique(scene.labels)) <= {0, 1}
+    assert main(["--out", str(tmp_path / "cli"), "--num", "3", "--objects", "1", "2"]) == 0
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["objects"] == [1, 2]
+
+
+@pytest.mark.parametrize("objects", [(0, 2), (3, 2), (1, 9), (1,), (1.0, 2), (True, 2)])
+def test_bad_objects_are_named(tmp_path, objects):
+    with pytest.raises(ValueError, match="objects"):
+        synthesize(tmp_path, num=1, objects=objects)
 
 
 def test_at_least_1000_samples_a_minute(tmp_path):

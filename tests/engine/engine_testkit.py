@@ -23,10 +23,13 @@ COLOURS = {
 QUESTION = "What colour is the shape?"
 
 
-def colour_image(colour: str, rng: np.random.Generator, size: int = 32) -> torch.Tensor:
-    """uint8 [3, size, size]: a square of ``colour`` at a random place, on noise."""
+def colour_image(colour: str, rng: np.random.Generator, size: int = 32,
+                 side: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 [3, size, size]: a square of ``colour`` at a random place, on noise; its side is drawn in
+    ``side`` (pixels, inclusive; by default half to three quarters of the image)."""
     img = rng.integers(0, 60, size=(size, size, 3))
-    side = int(rng.integers(size // 2, 3 * size // 4 + 1))
+    lo, hi = side or (size // 2, 3 * size // 4)
+    side = int(rng.integers(lo, hi + 1))
     y, x = rng.integers(0, size - side + 1, size=2)
     rgb = np.array(COLOURS[colour]) + rng.integers(-20, 21, size=3)
     img[y : y + side, x : x + side] = np.clip(rgb, 0, 255)
@@ -50,8 +53,9 @@ def qa_items(n: int, seed: int = 0, prefix: str = "qa") -> list[dict]:
     return out
 
 
-def pair_items(n: int, seed: int = 0, prefix: str = "pair") -> list[dict]:
-    """Preference items as SampleDataset gives them: the correct colour is chosen, a wrong one rejected."""
+def pair_items(n: int, seed: int = 0, prefix: str = "pair", side: tuple[int, int] | None = None) -> list[dict]:
+    """Preference items as SampleDataset gives them: the correct colour is chosen, a wrong one rejected
+    (``side``: the squares' sides, as :func:`colour_image` takes it)."""
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
     out = []
@@ -60,7 +64,7 @@ def pair_items(n: int, seed: int = 0, prefix: str = "pair") -> list[dict]:
         wrong = [c for c in names if c != colour]
         prompt = f"<image>\n{QUESTION}"
         out.append({
-            "id": f"{prefix}-{i}", "media": colour_image(colour, rng), "media_type": "image",
+            "id": f"{prefix}-{i}", "media": colour_image(colour, rng, side=side), "media_type": "image",
             "conversations": [{"from": "human", "value": prompt}],
             "preference": {"prompt": prompt, "chosen": colour, "rejected": wrong[int(rng.integers(len(wrong)))],
                            "judge": "ground truth"},

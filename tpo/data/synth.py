@@ -37,7 +37,7 @@ seed gives the same files on any machine and with any number of workers.
 
 Command line (``tpo data synth`` calls :func:`main`)::
 
-    tpo data synth --out DIR --num N --seed S [--frames T --size H] [--preference-pairs all]
+    tpo data synth --out DIR --num N --seed S [--frames T --size H] [--preference-pairs all] [--objects 1 1]
 
 writes ``DIR/{train,val,test}.jsonl``, ``DIR/media/`` and ``DIR/summary.json``.
 """
@@ -228,8 +228,9 @@ def _scene_ok(shapes: list[Shape], labels: np.ndarray, size: int) -> bool:
     return True
 
 
-def _draw_shapes(rng: np.random.Generator, frames: int, size: int, is_video: bool) -> list[Shape]:
-    n = int(rng.integers(2, 5))
+def _draw_shapes(rng: np.random.Generator, frames: int, size: int, is_video: bool,
+                 objects: tuple[int, int] = (2, 4)) -> list[Shape]:
+    n = int(rng.integers(objects[0], objects[1] + 1))
     colors = [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
     r_min, r_max = max(3, size // 12), max(4, size // 7)
     max_speed = max(2, size // 20)
@@ -277,14 +278,16 @@ def _draw_shapes(rng: np.random.Generator, frames: int, size: int, is_video: boo
     return shapes
 
 
-def make_scene(index: int, seed: int, frames: int = 8, size: int = 64, image_fraction: float = 0.25) -> Scene:
-    """Draw and render scene ``index`` of the benchmark of ``seed`` (deterministic)."""
+def make_scene(index: int, seed: int, frames: int = 8, size: int = 64, image_fraction: float = 0.25,
+               objects: tuple[int, int] = (2, 4)) -> Scene:
+    """Draw and render scene ``index`` of the benchmark of ``seed`` (deterministic), with
+    ``objects[0]``..``objects[1]`` shapes (inclusive)."""
     rng = np.random.default_rng([seed, index])
     is_video = bool(rng.random() >= image_fraction) and frames > 1
     t = frames if is_video else 1
     background = str(rng.choice(list(BACKGROUNDS)))
     for _ in range(1000):
-        shapes = _draw_shapes(rng, t, size, is_video)
+        shapes = _draw_shapes(rng, t, size, is_video, objects)
         labels = _render(shapes, t, size)
         if _scene_ok(shapes, labels, size):
             return Scene(index, background, shapes, labels, is_video)
@@ -693,8 +696,8 @@ def split_of(index: int, num: int, fractions: Sequence[float] = (0.8, 0.1, 0.1))
 
 
 def _write_scene(args) -> list[dict]:
-    index, num, seed, frames, size, image_fraction, fractions, out_dir, preference_pairs = args
-    scene = make_scene(index, seed, frames, size, image_fraction)
+    index, num, seed, frames, size, image_fraction, objects, fractions, out_dir, preference_pairs = args
+    scene = make_scene(index, seed, frames, size, image_fraction, objects)
     split = split_of(index, num, fractions)
     if scene.is_video:
         rel = f"media/scene{index:06d}.npy"
@@ -718,6 +721,7 @@ def synthesize(
     workers: int = 1,
     verbose: bool = False,
     preference_pairs: str = "one",
+    objects: Sequence[int] = (2, 4),
 ) -> dict:
     """Render ``num`` scenes (each gives about 8 image or 13 video samples)
     into ``out_dir``: ``{train,val,test}.jsonl``, ``media/`` and
@@ -725,7 +729,10 @@ def synthesize(
     scene (the correct answer of a random question of the scene over one of
     its wrong options) or ``"all"`` (such a pair for every question: about 5
     per image, 7 per video; a superset of ``"one"``, every other sample
-    unchanged). Returns the summary (counts per split, task, question
+    unchanged). ``objects``: the least and most shapes in a scene (inclusive;
+    by default 2 to 4: the benchmark; ``(1, 1)``, a scene of one shape, is its
+    easiest form: no question then needs telling shapes apart, and none asks
+    for an order of appearance). Returns the summary (counts per split, task, question
     type, answer type and localisation; plus timing, which summary.json leaves
     out so that the files of a seed are identical run to run)."""
     if num < 1:
@@ -738,12 +745,17 @@ def synthesize(
         raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction}")
     if preference_pairs not in PREFERENCE_PAIRS:
         raise ValueError(f"preference_pairs must be one of {PREFERENCE_PAIRS}, got {preference_pairs!r}")
+    objects = tuple(objects)
+    if (len(objects) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in objects)
+            or not 1 <= objects[0] <= objects[1] <= len(COLORS)):
+        raise ValueError(f"objects is (least, most) shapes in a scene, integers with 1 <= least <= most <= "
+                         f"{len(COLORS)} (one colour each), got {list(objects)}")
     if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) <= 0:
         raise ValueError(f"splits are three non-negative fractions (train, val, test), got {list(splits)}")
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     start = time.perf_counter()
-    jobs = [(i, num, seed, frames, size, image_fraction, tuple(splits), out_dir, preference_pairs)
+    jobs = [(i, num, seed, frames, size, image_fraction, objects, tuple(splits), out_dir, preference_pairs)
             for i in range(num)]
     handles = {s: open(os.path.join(out_dir, f"{s}.jsonl"), "w", encoding="utf-8") for s in SPLITS}
     counts = {key: Counter() for key in ("splits", "scenes", "tasks", "question_types", "answer_types", "localisation")}
@@ -780,7 +792,7 @@ def synthesize(
     seconds = time.perf_counter() - start
     n_samples = sum(counts["splits"].values())
     summary = {
-        "seed": seed, "frames": frames, "size": size, "image_fraction": image_fraction,
+        "seed": seed, "frames": frames, "size": size, "image_fraction": image_fraction, "objects": list(objects),
         "num_scenes": num, "num_samples": n_samples, "preference_pairs": preference_pairs,
         "media": dict(sorted(media.items())),
         "splits": {s: {"scenes": counts["scenes"][s], "samples": counts["splits"][s]} for s in SPLITS},
@@ -810,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-fraction", type=float, default=0.25, help="share of scenes that are images")
     parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes")
+    parser.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("LEAST", "MOST"),
+                        help="shapes in a scene (inclusive); 1 1 is the easiest form of the benchmark")
     parser.add_argument("--preference-pairs", choices=PREFERENCE_PAIRS, default="one",
                         help="preference pairs: one per scene (a random question's) or one per question")
     return parser
@@ -822,6 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = synthesize(
         args.out, args.num, args.seed, frames=args.frames, size=args.size, image_fraction=args.image_fraction,
         splits=args.splits, workers=args.workers, verbose=True, preference_pairs=args.preference_pairs,
+        objects=tuple(args.objects),
     )
     print(json.dumps(summary, indent=2))
     return 0
