@@ -429,6 +429,16 @@ def test_bad_arguments_are_named(tmp_path):
         main(["--out", str(tmp_path), "--num", "3", "--preference-pairs", "every"])
 
 
+@pytest.mark.parametrize("args, named", [(["--num", "0"], "num"), (["--num", "2", "--objects", "3", "2"], "objects"),
+                                         (["--num", "2", "--size", "16"], "size")])
+def test_command_line_names_bad_arguments_without_a_traceback(tmp_path, capsys, args, named):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "tpo data synth: error:" in err and named in err and "Traceback" not in err
+
+
 def test_objects_sets_the_shapes_in_a_scene(tmp_path):
     """``objects`` bounds the number of shapes (the default, 2 to 4, is the benchmark: its scenes are the same
     with and without the argument); one shape a scene has no order questions and still checks out."""

@@ -832,12 +832,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``tpo data synth --out DIR --num N --seed S [--frames T --size H]``:
     write the benchmark, print its summary as JSON, return 0."""
-    args = build_parser().parse_args(argv)
-    summary = synthesize(
-        args.out, args.num, args.seed, frames=args.frames, size=args.size, image_fraction=args.image_fraction,
-        splits=args.splits, workers=args.workers, verbose=True, preference_pairs=args.preference_pairs,
-        objects=tuple(args.objects),
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = synthesize(
+            args.out, args.num, args.seed, frames=args.frames, size=args.size, image_fraction=args.image_fraction,
+            splits=args.splits, workers=args.workers, verbose=True, preference_pairs=args.preference_pairs,
+            objects=tuple(args.objects),
+        )
+    except ValueError as err:  # synthesize checks its arguments before it writes anything
+        parser.error(str(err))
     print(json.dumps(summary, indent=2))
     return 0
 
