@@ -28,8 +28,12 @@ Backends (``backend=``):
   give ``dz @ W`` and add ``dz.T @ h`` into the fp32 weight gradient. On CPU the
   kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, fp32 only,
   for tests).
-* ``"torch"``: the same algorithm in chunks of rows with plain matmuls, one
-  ``[chunk, V]`` buffer reused in place (for CPU users and as the fallback).
+* ``"torch"``: the same algorithm with plain matmuls and one reused buffer of
+  ``chunk x V`` elements (for CPU users and as the fallback): the forward in
+  chunks of rows; the backward of fp32/fp64 inputs over tiles of the vocabulary
+  (all rows with a nonzero upstream gradient at once where the buffer allows),
+  so that each tile's rows of the weight gradient are written once, that of
+  bf16/fp16 inputs in chunks of rows.
 * ``"auto"``: ``"triton"`` for CUDA tensors when Triton is available, else
   ``"torch"``.
 
@@ -282,6 +286,65 @@ def _grad_buffers(hidden, weight, needs):
 
 
 def _torch_backward(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
+    if hidden.dtype in (torch.float32, torch.float64):
+        return _torch_backward_vocab_tiles(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs)
+    return _torch_backward_row_chunks(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs)
+
+
+def _torch_backward_vocab_tiles(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
+    """The recomputing backward for fp32/fp64 inputs, over tiles of the vocabulary: the log-sum-exps
+    are known, so a tile of columns needs no other. Each tile's rows of the weight gradient are
+    written once (row chunks would read and write the whole fp32 weight gradient once per chunk),
+    and only the rows with a nonzero upstream gradient (not ignored, not masked) are computed. The
+    tile (rows x columns) has the element budget of ``chunk`` rows over the whole vocabulary; rows
+    come in blocks only when there are too many for tiles of 256 columns."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs)
+    active = (gscaled != 0).nonzero().squeeze(1)
+    if active.numel() == 0:
+        return grad_h, grad_w, grad_b
+    every = active.numel() == n
+    h, g, lab, lse = (hidden, gscaled, labels, lse) if every else \
+        (hidden.index_select(0, active), gscaled[active], labels[active], lse[active])
+    m = h.shape[0]
+    grad_rows = None if grad_h is None else (grad_h if every else torch.zeros_like(h))
+    budget = max(chunk, 1) * vocab
+    rows = min(m, max(chunk, budget // 256))
+    width = max(1, budget // rows)
+    buf = torch.empty(rows * min(width, vocab), dtype=hidden.dtype, device=hidden.device)
+    for i in range(0, m, rows):
+        j = min(i + rows, m)
+        h_i, g_i, lse_i, lab_i = h[i:j], g[i:j], lse[i:j, None], lab[i:j]
+        for v0 in range(0, vocab, width):
+            v1 = min(v0 + width, vocab)
+            z = buf[: (j - i) * (v1 - v0)].view(j - i, v1 - v0)
+            if bias is None:
+                torch.mm(h_i, weight[v0:v1].t(), out=z)
+            else:
+                torch.addmm(bias[v0:v1], h_i, weight[v0:v1].t(), out=z)
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
+            z.sub_(lse_i).exp_().mul_(g_i.neg()[:, None])  # -g/T * softmax
+            hit = ((lab_i >= v0) & (lab_i < v1)).nonzero().squeeze(1)
+            if hit.numel():  # + g/T at the label
+                z.index_put_((hit, lab_i[hit] - v0), g_i[hit], accumulate=True)
+            if grad_rows is not None:
+                grad_rows[i:j].addmm_(z, weight[v0:v1])
+            if grad_w is not None:
+                if i == 0:
+                    torch.mm(z.t(), h_i, out=grad_w[v0:v1])
+                else:
+                    grad_w[v0:v1].addmm_(z.t(), h_i)
+            if grad_b is not None:
+                grad_b[v0:v1] += z.sum(0)
+    if grad_h is not None and not every:
+        grad_h.index_copy_(0, active, grad_rows)
+    return grad_h, grad_w, grad_b
+
+
+def _torch_backward_row_chunks(hidden, weight, bias, labels, lse, gscaled, inv_temp, chunk, needs):
+    """The recomputing backward for bf16/fp16 inputs, over chunks of rows: each row's hidden
+    gradient is one GEMM over the whole vocabulary (accumulated in fp32 inside it)."""
     n = hidden.shape[0]
     grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs)
     logits = _ChunkLogits(hidden, weight, bias, inv_temp, chunk)

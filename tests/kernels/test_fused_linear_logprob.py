@@ -117,6 +117,16 @@ def test_torch_backend_chunking_does_not_change_results(chunk_size):
     _compare_to_reference("torch", hidden, weight, b, labels, "sum", 1.0, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("reduction,temperature", [("sum", 1.0), ("none", 0.8)])
+def test_torch_backward_over_vocabulary_tiles_and_row_blocks(reduction, temperature):
+    """fp32 backward of the torch backend: with chunk_size 2 over 1031 words the tiles are 8 rows by 257
+    columns (the last 3 wide), so labels fall in every tile, rows come in blocks (the last partial)
+    and ignored rows are left out; values and gradients still match the float64 reference."""
+    hidden, weight, b, labels = _problem((3, 40), hidden_size=24, vocab=1031, bias=True, seed=9)
+    assert (labels == -100).any() and len({int(x) // 257 for x in labels[labels >= 0]}) >= 4
+    _compare_to_reference("torch", hidden, weight, b, labels, reduction, temperature, chunk_size=2)
+
+
 def test_triton_splits_vocabulary_and_chunks_rows():
     # 16-row tiles, 32-column tiles: 2 row tiles and 7 vocabulary tiles, so the forward
     # splits V across programs and merges the partial log-sum-exps; the backward goes over
