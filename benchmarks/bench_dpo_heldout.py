@@ -95,13 +95,8 @@ def colour_run(seed: int, work_dir: Path, steps: int = 45, side: tuple[int, int]
         evaluation={"interval": max(1, steps // 3), "at_end": True, "metrics": [{"type": "PairwiseAccuracy"}],
                     "batch_size": 16},
     )
-    for key, value in (options or {}).items():  # dotted keys into the config, as --cfg-options
-        node, (*path, leaf) = cfg, key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
     tic = time.perf_counter()
-    trainer = Trainer(cfg, train_dataset=pair_items(pairs[0], side=side),
+    trainer = Trainer(cfg, cfg_options=options or None, train_dataset=pair_items(pairs[0], side=side),
                       val_dataset=pair_items(pairs[1], seed=1, prefix="v", side=side))
     trainer.fit()
     val = _val_records(trainer.history)
@@ -260,6 +255,8 @@ def main(argv=None) -> int:
 
     from tpo.data import synthesize
 
+    if args.colour_side and not 1 <= args.colour_side[0] <= args.colour_side[1] <= 32:
+        parser.error(f"--colour-side: sides in pixels with 1 <= LEAST <= MOST <= 32, got {args.colour_side}")
     options = _parse_options(args.synth_options)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
