@@ -276,11 +276,14 @@ def _accumulate_grads(dz, i, j, hidden, weight, grad_h, grad_w, grad_b):
         grad_b += dz.sum(0, dtype=grad_b.dtype)
 
 
-def _grad_buffers(hidden, weight, needs):
+def _grad_buffers(hidden, weight, needs, zero_weight=True):
+    """The gradient buffers ``needs`` asks for, zero-filled (the weight's left uninitialised with
+    ``zero_weight=False``, for a caller that writes every row)."""
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     vocab, h_size = weight.shape
     grad_h = torch.zeros_like(hidden) if needs[0] else None
-    grad_w = torch.zeros(vocab, h_size, dtype=acc_dtype, device=hidden.device) if needs[1] else None
+    new = torch.zeros if zero_weight else torch.empty
+    grad_w = new(vocab, h_size, dtype=acc_dtype, device=hidden.device) if needs[1] else None
     grad_b = torch.zeros(vocab, dtype=acc_dtype, device=hidden.device) if needs[2] else None
     return grad_h, grad_w, grad_b
 
@@ -299,8 +302,9 @@ def _torch_backward_vocab_tiles(hidden, weight, bias, labels, lse, gscaled, inv_
     tile (rows x columns) has the element budget of ``chunk`` rows over the whole vocabulary; rows
     come in blocks only when there are too many for tiles of 256 columns."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs)
     active = (gscaled != 0).nonzero().squeeze(1)
+    # the first row block writes every row of the weight gradient (no zero fill needed) when any row is active
+    grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, needs, zero_weight=active.numel() == 0)
     if active.numel() == 0:
         return grad_h, grad_w, grad_b
     every = active.numel() == n
