@@ -10,7 +10,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from tpo.data.schema import decode_mask, load_samples
-from tpo.data.synth import COLORS, main, make_scene, synthesize
+from tpo.data.synth import COLORS, describe, main, make_scene, synthesize
 from tpo.data.video import frame_timestamps, span_frame_mask
 
 
@@ -453,6 +453,7 @@ def test_objects_sets_the_shapes_in_a_scene(tmp_path):
     for i in range(40):
         scene = make_scene(i, 4, objects=(1, 1))
         assert len(scene.shapes) == 1 and set(np.unique(scene.labels)) <= {0, 1}
+        assert describe(scene)[0].startswith(f"The {'video' if scene.is_video else 'image'} shows one shape on a ")
     assert main(["--out", str(tmp_path / "cli"), "--num", "3", "--objects", "1", "2"]) == 0
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["objects"] == [1, 2]
 

@@ -380,7 +380,8 @@ def describe(scene: Scene, events: list[Event] | None = None) -> list[str]:
     names = [s.name for s in scene.shapes]
     medium = "video" if scene.is_video else "image"
     n = len(names)
-    out = [f"The {medium} shows {NUMBER_WORDS[n]} shapes on a {scene.background} background: {_name_list(names)}."]
+    noun = "shape" if n == 1 else "shapes"
+    out = [f"The {medium} shows {NUMBER_WORDS[n]} {noun} on a {scene.background} background: {_name_list(names)}."]
     if not scene.is_video:
         for s in scene.shapes:
             out.append(f"The {s.name} is at the {region_of(*s.centre(0), size, size)}.")
