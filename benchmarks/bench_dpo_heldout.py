@@ -212,6 +212,8 @@ def synth_run(data: Path, summary: dict, steps: int, seed: int, work_dir: Path, 
     if abs(overall - val[-1]["rewards/accuracies"]) > 1e-6:
         raise RuntimeError(f"per-type evaluation gives {overall}, the engine's {val[-1]['rewards/accuracies']}")
     shapes = "" if summary["objects"] == [2, 4] else ", {}-{} shapes".format(*summary["objects"])
+    if summary["image_fraction"] != 0.25:
+        shapes += ", images only" if summary["image_fraction"] == 1 else f", {summary['image_fraction']:g} images"
     return {"data": f"synth[{summary['num_scenes']} scenes{shapes}, pairs={summary['preference_pairs']}]",
             "seed": seed,
             "vision": "blind" if blind else "seeing", "train_pairs": count_pairs(data / "train.jsonl"),
@@ -237,6 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preference-pairs", choices=("one", "all"), default="all")
     parser.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("LEAST", "MOST"),
                         help="shapes in a scene (tpo data synth --objects); 1 1: the benchmark's easiest form")
+    parser.add_argument("--image-fraction", type=float, default=0.25,
+                        help="share of the scenes that are images (tpo data synth --image-fraction); 1: images only")
     parser.add_argument("--steps", type=int, default=300, help="DPO steps of the synth runs")
     parser.add_argument("--sft-steps", type=int, default=0, help="SFT steps before DPO (0: DPO from the random init)")
     parser.add_argument("--sft-tasks", nargs="+", default=["qa", "preference"],
@@ -244,6 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("--synth-options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config options of the synth runs' model and training (both stages), e.g. "
                              "model.vision_encoder.freeze=False model.vision_encoder.model_kwargs.patch_size=4")
+    parser.add_argument("--vision-tower", type=Path, default=None, metavar="DIR",
+                        help="a tower of synth_vision_tower.py (its tower.json and weights) for the synth runs; "
+                             "--synth-options may still override its options")
     parser.add_argument("--no-blind", action="store_true", help="skip the blind control runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-colour", action="store_true", help="only the synth runs")
@@ -257,7 +264,16 @@ def main(argv=None) -> int:
 
     if args.colour_side and not 1 <= args.colour_side[0] <= args.colour_side[1] <= 32:
         parser.error(f"--colour-side: sides in pixels with 1 <= LEAST <= MOST <= 32, got {args.colour_side}")
-    options = _parse_options(args.synth_options)
+    options, tower_note = _parse_options(args.synth_options), ""
+    if args.vision_tower is not None:
+        tower_file = args.vision_tower / "tower.json"
+        if not tower_file.is_file():
+            parser.error(f"--vision-tower: {str(tower_file)!r} does not exist; write it with "
+                         f"python benchmarks/synth_vision_tower.py --out {args.vision_tower}")
+        tower = json.loads(tower_file.read_text(encoding="utf-8"))
+        options = {**tower["cfg_options"], **options}
+        tower_note = (f"object-trained vision tower ({tower['train']['steps']} steps on {tower['train']['images']} "
+                      f"images; held-out {tower['held_out_accuracy']})")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [] if args.skip_colour else args.seeds:
@@ -269,7 +285,7 @@ def main(argv=None) -> int:
         for seed in args.synth_seeds:
             data = Path(tmp) / f"synth{seed}"
             summary = synthesize(data, num=args.scenes, seed=seed, preference_pairs=args.preference_pairs,
-                                 objects=tuple(args.objects))
+                                 objects=tuple(args.objects), image_fraction=args.image_fraction)
             for blind in ([False] if args.no_blind else [False, True]):
                 load_from, sft = None, ""
                 if args.sft_steps:  # the blind control's SFT stage is blind too
@@ -278,7 +294,7 @@ def main(argv=None) -> int:
                     sft = f"after {args.sft_steps} SFT steps on {'+'.join(args.sft_tasks)} ({sft_seconds:.0f} s)"
                 row = synth_run(data, summary, args.steps, seed, Path(tmp) / f"synth{seed}-{int(blind)}", blind,
                                 options, load_from)
-                row["note"] = "; ".join(x for x in (sft, " ".join(args.synth_options)) if x)
+                row["note"] = "; ".join(x for x in (tower_note, sft, " ".join(args.synth_options)) if x)
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
     load = load_avg_1m()
