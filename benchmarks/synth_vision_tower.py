@@ -139,7 +139,6 @@ def train_tower(out: str | Path, steps: int = 5000, images: int = 20000, held_ou
     """Train the tower and write ``out/model.safetensors`` and ``out/tower.json``; returns the latter's
     contents."""
     from safetensors.torch import save_file
-
     from tpo.registry import build_vision_encoder
 
     if steps < 1 or images < 1 or held_out < 1:

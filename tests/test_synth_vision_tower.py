@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from synth_vision_tower import IGNORE, MAX_OBJECTS, image_targets, train_tower  # noqa: E402
+from synth_vision_tower import IGNORE, MAX_OBJECTS, image_targets, train_tower
+from tpo.registry import build_model
 
-from tpo.data.synth import COLORS, REGIONS, SHAPES, make_scene, region_of  # noqa: E402
-from tpo.registry import build_model  # noqa: E402
+from tpo.data.synth import COLORS, REGIONS, SHAPES, make_scene, region_of
 
 
 @pytest.mark.parametrize("index", range(6))
