@@ -70,9 +70,10 @@ where it is, and how many shapes of a kind the image holds):
   work_dirs/vision_tower --sft-steps 6000 --sft-tasks qa preference caption --steps 1000 --synth-options
   optim.lr=2e-3 optim.param_groups.projector.lr=2e-3`` with ``--synth-seeds 0`` and, side by side,
   ``--synth-seeds 1 2 --no-blind`` (1 thread each; about 10 min a run, 7.5 of them SFT): held-out
-  ``rewards/accuracies`` 0.965 / 0.9375 / 0.945 over three seeds (DPO starts at 0.5, the policy being its reference; colour, shape and position
-  0.96-1.0, counts 0.82-0.90), the blind control 0.6225 (counts 0.91, the others at chance). The tower is
-  what the tiny random one lacks, as a pretrained one is in a real run; the SFT stage teaches the LLM to read it.
+  ``rewards/accuracies`` 0.965 / 0.9375 / 0.945 over three seeds (DPO starts at 0.5, the policy being its
+  reference; colour, shape and position 0.96-1.0, counts 0.82-0.90), the blind control 0.6225 (counts 0.91,
+  the others at chance). The tower is what the tiny random one lacks, as a pretrained one is in a real run;
+  the SFT stage teaches the LLM to read it.
 """
 from __future__ import annotations
 
