@@ -18,8 +18,9 @@ whose scenes are others). Writes ``OUT/model.safetensors`` (the timm model's
 weights, which ``TimmVisionEncoder(pretrained=...)`` loads through timm) and
 ``OUT/tower.json``: the config options that build the tower in a
 composition (``model.vision_encoder.*``, ``pretrained`` included), the
-training settings, the held-out accuracies and the seconds it took. About 9
-minutes on two cores for the defaults.
+training settings, the held-out accuracies and the seconds it took. The
+defaults took 10.5 minutes on one thread beside another run (2-core Intel
+Xeon; held-out colour 0.995, shape 0.94, region 0.98).
 """
 from __future__ import annotations
 
@@ -149,9 +150,10 @@ def train_tower(out: str | Path, steps: int = 5000, images: int = 20000, held_ou
     torch.manual_seed(seed)
     encoder = build_vision_encoder(str(VISION_CONFIG), cfg_options={
         **{f"vision_encoder.{key}": value for key, value in options.items()}, "vision_encoder.freeze": False})
-    if encoder.num_tokens != (MODEL_KWARGS["img_size"] // MODEL_KWARGS["patch_size"]) ** 2:
-        raise RuntimeError(f"the tower gives {encoder.num_tokens} tokens an image; {MODEL_KWARGS} make more")
     grid = MODEL_KWARGS["img_size"] // MODEL_KWARGS["patch_size"]
+    if encoder.num_tokens != grid * grid:
+        raise RuntimeError(f"the tower gives {encoder.num_tokens} tokens an image, not the {grid}x{grid} grid of "
+                           f"{MODEL_KWARGS}: were the options applied?")
     tic = time.perf_counter()
     train, val = make_split(encoder, images, seed, grid), make_split(encoder, held_out, seed + 1, grid)
     log(f"{images} training and {held_out} held-out images in {time.perf_counter() - tic:.0f} s")
@@ -185,7 +187,9 @@ def train_tower(out: str | Path, steps: int = 5000, images: int = 20000, held_ou
         "held_out_accuracy": accuracies(encoder, heads, val),
         "seconds": round(time.perf_counter() - tic, 1),
     }
-    (out / "tower.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp = out / "tower.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "tower.json")
     return report
 
 
