@@ -289,6 +289,8 @@ def main(argv=None) -> int:
 
     if args.colour_side and not 1 <= args.colour_side[0] <= args.colour_side[1] <= 32:
         parser.error(f"--colour-side: sides in pixels with 1 <= LEAST <= MOST <= 32, got {args.colour_side}")
+    if not 0.0 <= args.image_fraction <= 1.0:
+        parser.error(f"--image-fraction: a share of the scenes in [0, 1], got {args.image_fraction}")
     options, tower_note = _parse_options(args.synth_options), ""
     if args.vision_tower is not None:
         tower_file = args.vision_tower / "tower.json"

@@ -59,9 +59,9 @@ def test_the_tower_loads_through_the_pretrained_option(tmp_path):
     loaded = model.vision_encoder.model.state_dict()
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert model.vision_encoder.num_tokens == 64  # 64 pixels in 8x8 patches
-    random = build_model(str(ROOT / "configs" / "mllm" / "timm_mlp_llama.py"),
+    untrained = build_model(str(ROOT / "configs" / "mllm" / "timm_mlp_llama.py"),
                          cfg_options={k: v for k, v in options.items() if not k.endswith("pretrained")})
-    assert not torch.equal(random.vision_encoder.model.state_dict()["blocks.0.attn.qkv.weight"],
+    assert not torch.equal(untrained.vision_encoder.model.state_dict()["blocks.0.attn.qkv.weight"],
                            saved["blocks.0.attn.qkv.weight"])
 
 
