@@ -300,7 +300,8 @@ def main(argv=None) -> int:
         tower = json.loads(tower_file.read_text(encoding="utf-8"))
         options = {**tower["cfg_options"], **options}
         tower_note = (f"object-trained vision tower ({tower['train']['steps']} steps on {tower['train']['images']} "
-                      f"images; held-out {tower['held_out_accuracy']})")
+                      f"images, {tower['seconds']:.0f} s on {tower['train']['torch_threads']} thread(s); "
+                      f"held-out {tower['held_out_accuracy']})")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [] if args.skip_colour else args.seeds:
