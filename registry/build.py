@@ -77,17 +77,45 @@ def load_config(cfg: str | os.PathLike | Mapping | Config, cfg_options: Mapping[
 
 def _section(cfg, section: str, cfg_options: Mapping[str, Any] | None) -> dict:
     """The config of one component: ``cfg`` itself when it has a ``type``,
-    else its ``section`` key (``model`` of a whole config file)."""
+    else its ``section`` key (``model`` of a whole config file).
+
+    ``cfg_options`` are dotted keys: relative to the component when ``cfg`` is
+    one (``hidden_dim``; ``projector.hidden_dim`` is taken too), from the root
+    of the file otherwise, where only those under ``section`` can change what
+    is built (``model.llm.config.num_hidden_layers``). Any other key would be
+    merged where this build never reads it (a root ``llm`` from ``_base_`` was
+    already copied into ``model`` when the file loaded), so it is an error that
+    names the key the user most likely meant."""
+    options = dict(cfg_options or {})
+    prefix = section + "."
+
+    def relative(opts: Mapping[str, Any]) -> dict:
+        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in opts.items()}
+
     if isinstance(cfg, Mapping) and not isinstance(cfg, Config) and "type" in cfg:
-        prefix = section + "."
-        options = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in (cfg_options or {}).items()}
-        return load_config(cfg, options).to_dict()
-    config = load_config(cfg, cfg_options)
+        return load_config(cfg, relative(options)).to_dict()
+    config = load_config(cfg)
     if "type" in config:
+        config.merge_from_dict(relative(options))
         return config.to_dict()
+    where = f"config file {str(cfg)!r}" if isinstance(cfg, (str, os.PathLike)) else "the config"
     if section not in config:
-        where = f"config file {cfg!r}" if isinstance(cfg, (str, os.PathLike)) else "the config"
         raise KeyError(f"{where} has no {section!r} key and no 'type' key; add `{section} = dict(type=...)`")
+    for key in options:
+        if key == section or key.startswith(prefix):
+            continue
+        head = key.split(".")[0]
+        component = config[section]
+        if head not in config or (isinstance(component, Mapping) and head in component):
+            hint = f"did you mean {prefix + key!r}?"
+        else:
+            hint = (f"{head!r} is another key of the file's root (its own or from `_base_`), not read here; "
+                    f"set what you mean under {section!r}, or drop it")
+        raise KeyError(
+            f"cfg option {key!r} is outside {section!r}, the only key of {where} that build_{section} reads, "
+            f"so it would change nothing: {hint}"
+        )
+    config.merge_from_dict(options)
     return config[section].to_dict() if isinstance(config[section], ConfigDict) else config[section]
 
 

@@ -58,6 +58,46 @@ def test_build_accepts_dict_config_and_files(tmp_path, kind):
     assert overridden.mlp[0].out_features == 7
 
 
+def test_component_options_are_relative_with_or_without_the_section(tmp_path):
+    component = dict(type="MLPProjector", in_dim=4, out_dim=6, hidden_dim=5)
+    for source in (component, Config(component)):
+        for key in ("hidden_dim", "projector.hidden_dim"):
+            assert build_projector(source, cfg_options={key: 7}).mlp[0].out_features == 7
+        with pytest.raises(TypeError, match="hiden_dim"):
+            build_projector(source, cfg_options={"hiden_dim": 7})
+
+
+def test_file_options_outside_the_built_section_are_errors(tmp_path):
+    base = tmp_path / "_base_"
+    base.mkdir()
+    (base / "dims.py").write_text("dims = dict(in_dim=3, out_dim=4)\n")
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        "_base_ = ['_base_/dims.py']\n"
+        "projector = dict(type='MLPProjector', in_dim={{_base_.dims.in_dim}}, out_dim=4, hidden_dim=5)\n"
+        "train = dict(max_steps=2)\n"
+    )
+    # a key relative to the section: the prefixed key is named
+    with pytest.raises(KeyError) as err:
+        build_projector(recipe, cfg_options={"hidden_dim": 9})
+    assert "'hidden_dim'" in str(err.value) and "did you mean 'projector.hidden_dim'" in str(err.value)
+    # the root value from _base_ was already substituted into `projector`, and another section of a
+    # training config is not read by a build of the projector: changing either would change nothing
+    for key in ("dims.in_dim", "train.max_steps"):
+        head = key.split(".")[0]
+        with pytest.raises(KeyError, match=rf"'{head}' is another key of the file's root.*'projector', or drop it"):
+            build_projector(recipe, cfg_options={key: 9})
+    assert build_projector(recipe, cfg_options={"projector.hidden_dim": 9}).mlp[0].out_features == 9
+    assert build_projector(recipe).mlp[0].in_features == 3
+
+
+def test_cli_build_refuses_an_option_it_would_ignore(capsys):
+    from tpo.cli import main
+
+    assert main(["build", "configs/mllm/timm_mlp_llama.py", "--cfg-options", "llm.config.num_hidden_layers=3"]) == 2
+    assert "did you mean 'model.llm.config.num_hidden_layers'" in capsys.readouterr().err
+
+
 def test_base_inheritance_and_overrides(tmp_path):
     base = tmp_path / "_base_"
     base.mkdir()
