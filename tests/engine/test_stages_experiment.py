@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,7 @@ def test_experiment_end_to_end(tmp_path):
         "synth = dict(num=4, seed=1, frames=4, size=32)\n"
         f"runs = dict(sft=dict(config={str(ROOT / 'configs/sft/tiny_cpu.py')!r}, cfg_options={{'train.max_steps': 3}}),\n"
         f"            tpo=dict(config={str(RECIPE)!r}, cfg_options={{'stages': [dict(name='all', train=dict(max_steps=3))]}}))\n"
-        "evaluation = dict(split='test', max_new_tokens=4, limit=6)\n"
+        "evaluation = dict(split='test', max_new_tokens=40, limit=6)\n"
         "threads = 1\n"
     )
     torch.set_num_threads(2)  # the experiment runs on one thread, then gives the caller's setting back
@@ -92,12 +93,23 @@ def test_experiment_end_to_end(tmp_path):
     assert (tmp_path / "run" / "results.json").is_file() and Path(summary["plots"][0]).is_file()
     assert "| tpo |" in summary["table"] and "| no-input |" in summary["table"]
     assert set(summary["results"]["no-input"]) >= {"qa/accuracy", "temporal/R@0.5", "count/qa"}
+    for name, res in summary["results"].items():  # every scored answer, one line each
+        lines = [json.loads(line) for line in Path(summary["predictions"][name]).read_text().splitlines()]
+        counted = sum(res[f"count/{kind}"] for kind in ("qa", "box", "temporal", "mask"))
+        assert len(lines) == counted > 0, name
+        qa = [line["score"] for line in lines if line["task"] == "qa"]
+        assert np.mean(qa) == pytest.approx(res["qa/accuracy"]), name
     bad = tmp_path / "bad.py"
     bad.write_text(config.read_text().replace("'train.max_steps': 3", "'train.max_steps': 4"))
     with pytest.raises(ValueError, match="same budget"):
         run_experiment(bad, work_dir=str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="none called 'no-input'"):
         run_experiment(config, cfg_options={"runs.no-input": {"config": "x.py"}}, work_dir=str(tmp_path / "named"))
+    with pytest.raises(ValueError, match=r"evaluation.max_new_tokens \(run 'sft'\).*at least"):
+        run_experiment(config, cfg_options={"evaluation.max_new_tokens": 8}, work_dir=str(tmp_path / "short"))
+    assert not (tmp_path / "short" / "sft").exists()  # refused before any training
+    with pytest.raises(KeyError, match="evaluation.max_tokens: unknown key"):
+        run_experiment(config, cfg_options={"evaluation.max_tokens": 8}, work_dir=str(tmp_path / "typo"))
     for threads in (0, "2", True):
         with pytest.raises(ValueError, match="threads: torch's intra-op threads"):
             run_experiment(config, cfg_options={"threads": threads}, work_dir=str(tmp_path / "threads"))

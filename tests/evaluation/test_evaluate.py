@@ -1,10 +1,13 @@
 """The evaluation loop: scoring of text answers, and a real model end to end."""
+import json
+
 import numpy as np
 import pytest
 
 from tpo.data.datasets import SampleDataset
 from tpo.data.synth import synthesize
-from tpo.evaluation import evaluate, evaluate_trivial, parse_box, parse_span
+from tpo.evaluation import check_answer_budget, evaluate, evaluate_trivial, parse_box, parse_span
+from tpo.evaluation.evaluate import _scored_reference
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,42 @@ def test_reference_answers_score_perfectly_and_wrong_ones_do_not(dataset):
     assert wrong["qa/accuracy"] < 0.5 and wrong["box/acc@0.5"] < 1.0
 
 
+def test_predictions_file_holds_what_was_scored(dataset, tmp_path):
+    path = tmp_path / "answers" / "oracle.jsonl"
+    report = evaluate(Oracle(dataset, corrupt=True), dataset, predictions=path)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    by_task = {task: [line for line in lines if line["task"] == task]
+               for task in ("qa", "grounding", "temporal_grounding", "segmentation")}
+    assert [len(by_task[t]) for t in by_task] == [report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask")]
+    assert np.mean([line["score"] for line in by_task["qa"]]) == pytest.approx(report["qa/accuracy"])
+    assert all(line["text"] == "[0.9, 0.9, 0.95, 0.95] from 0.9 to 0.95 Z" for line in lines)
+    box = by_task["grounding"][0]
+    assert box["pred"] == [0.9, 0.9, 0.95, 0.95] and box["source"] == "text" and len(box["target"]) == 4
+    assert np.mean([line["score"] for line in by_task["grounding"]]) == pytest.approx(report["box/miou"])
+    assert np.mean([line["score"] for line in by_task["temporal_grounding"]]) == pytest.approx(
+        report["temporal/mIoU"])
+    assert {line["id"] for line in lines} <= {item["id"] for item in dataset}
+    trivial = evaluate_trivial(dataset, predictions=tmp_path / "none.jsonl")
+    heads = [json.loads(line) for line in (tmp_path / "none.jsonl").read_text().splitlines()]
+    assert {line["source"] for line in heads if line["task"] != "qa"} == {"head"}
+    assert np.mean([line["score"] for line in heads if line["task"] == "segmentation"]) == pytest.approx(
+        trivial["mask/miou"])
+
+
+def test_predictions_path_is_checked_before_answering(dataset, tmp_path):
+    class Never(Oracle):
+        def chat(self, prompt, max_new_tokens=0, **media):
+            raise AssertionError("answered before the path was checked")
+
+    with pytest.raises(ValueError, match="predictions: a .jsonl path"):
+        evaluate(Never(dataset), dataset, predictions=tmp_path / "answers.json")
+
+
 def test_real_models_are_evaluated(dataset):
     from tpo.registry import build_model
 
     for config in ("configs/mllm/timm_mlp_llama.py", "configs/tpo/timm_mlp_llama.py"):
-        report = evaluate(build_model(config), dataset, max_new_tokens=4, limit=12)
+        report = evaluate(build_model(config), dataset, max_new_tokens=40, limit=12)
         assert report["count/qa"] + report["count/box"] + report["count/temporal"] + report["count/mask"] > 0
 
 
@@ -87,3 +121,39 @@ def test_the_no_input_reference_scores_what_its_answers_are_worth(dataset):
     assert report["temporal/R@0.5"] == pytest.approx(np.mean(np.array(lengths) >= 0.5))
     assert report["mask/miou"] == pytest.approx(np.mean(shares), rel=1e-5)
     assert report["box/unanswered"] == report["temporal/unanswered"] == report["mask/unanswered"] == 0
+
+
+def test_a_budget_too_short_for_the_reference_answers_is_refused_before_answering(dataset):
+    from tpo.registry import build_model
+
+    model = build_model("configs/mllm/timm_mlp_llama.py")
+    calls = []
+    model.chat = lambda *args, **kwargs: calls.append(args) or "A"
+    longest = max(
+        (len(model.tokenizer(_scored_reference([t.to_dict() for t in s.conversations], s.meta.get("task")),
+                             add_special_tokens=False)["input_ids"]), s.id)
+        for s in dataset.samples if _scored_reference([t.to_dict() for t in s.conversations], s.meta.get("task"))
+    )
+    assert longest[0] > 20  # a box written out takes more than 20 tokens of the tiny tokenizer
+    with pytest.raises(ValueError) as err:
+        evaluate(model, dataset, max_new_tokens=longest[0] - 1)
+    assert f"at least {longest[0]}" in str(err.value) and repr(longest[1]) in str(err.value)
+    assert calls == []  # nothing answered: the check reads the annotations only
+    check_answer_budget(model.tokenizer, dataset, longest[0])  # exactly enough is enough
+    # any other iterable of items is checked item by item, before that item is answered
+    with pytest.raises(ValueError, match="cannot hold the reference answer"):
+        evaluate(model, list(dataset), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens: a positive int"):
+        check_answer_budget(model.tokenizer, dataset, 0)
+
+
+def test_scored_reference_is_the_part_a_text_answer_is_scored_on():
+    def conv(answer):
+        return [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]
+
+    assert _scored_reference(conv("frame 1: [0.1, 0.2, 0.3, 0.4]; frame 2: [0, 0, 1, 1]"), "grounding") == (
+        "frame 1: [0.1, 0.2, 0.3, 0.4]")
+    assert _scored_reference(conv("It enters from 0.25 to 0.50. Then it leaves."), "temporal_grounding") == (
+        "It enters from 0.25 to 0.50")
+    assert _scored_reference(conv("the red circle"), "qa") == "the red circle"
+    assert _scored_reference(conv("<mask>"), "segmentation") is None  # masks come only from a head

@@ -5,7 +5,8 @@ It writes a synthetic benchmark, trains an SFT-only baseline and a TPO model
 the held-out split (QA accuracy, box Acc@0.5, temporal R@0.5, mask IoU) next to
 answers that look at nothing (the ``no-input`` row: option A, the whole frame,
 the whole clip; a run's number means something where it beats that row), and
-prints the table and the paths of the plots.
+prints the table and the paths of the plots. Every scored answer is in
+``<work_dir>/predictions/<run>.jsonl`` (question, the run's text, target, score).
 
 The config names the benchmark (``synth=dict(num=..., seed=..., frames=...,
 size=...)``), the runs (``runs=dict(sft=dict(config=..., cfg_options=...),
@@ -78,6 +79,29 @@ def _steps(cfg: Mapping[str, Any]) -> int:
     return cfg.get("train", {}).get("max_steps") or 0
 
 
+def _check_budgets(runs: Mapping[str, tuple[dict, str]], split_file: Path, eval_cfg: Mapping[str, Any]) -> None:
+    """Each run's tokenizer can write the scored part of every reference answer
+    of the evaluated split within ``max_new_tokens``: checked from the
+    annotations before any run trains, not after."""
+    from tpo.data.datasets import SampleDataset
+    from tpo.evaluation import check_answer_budget
+    from tpo.registry import build_tokenizer
+
+    if not split_file.is_file():
+        raise FileNotFoundError(f"evaluation.split: {str(split_file)!r} does not exist; the benchmark writes "
+                                f"{', '.join(sorted(p.stem for p in split_file.parent.glob('*.jsonl')))}")
+    dataset = SampleDataset(str(split_file), check_media=False)
+    for name, (run_cfg, _) in runs.items():
+        tokenizer_cfg = (run_cfg.get("model") or {}).get("tokenizer")
+        if tokenizer_cfg is None:
+            continue
+        try:
+            check_answer_budget(build_tokenizer(tokenizer_cfg), dataset, eval_cfg.get("max_new_tokens", 48),
+                                eval_cfg.get("limit"))
+        except ValueError as err:
+            raise ValueError(f"evaluation.max_new_tokens (run {name!r}): {err}") from None
+
+
 def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None) -> dict:
     cfg = load_config(config, cfg_options)
     if work_dir:
@@ -113,12 +137,16 @@ def _run(config, cfg) -> dict:
     if cfg.get("same_budget", True) and len(set(steps.values())) > 1:
         raise ValueError(f"runs: the optimiser steps differ ({steps}); give every run the same budget, "
                          "or set same_budget=False")
+    eval_cfg = dict(cfg.get("evaluation", {}))
+    unknown = sorted(set(eval_cfg) - {"split", "limit", "max_new_tokens"})
+    if unknown:
+        raise KeyError(f"evaluation.{unknown[0]}: unknown key; it takes split, limit, max_new_tokens")
+    split = eval_cfg.pop("split", "test")
     started = time.time()
     if not (synth_dir / "summary.json").is_file():
         print(f"[experiment] writing the synthetic benchmark to {synth_dir}", flush=True)
         synthesize(synth_dir, **synth_cfg)
-    eval_cfg = dict(cfg.get("evaluation", {}))
-    split = eval_cfg.pop("split", "test")
+    _check_budgets(runs, synth_dir / f"{split}.jsonl", eval_cfg)  # before any training
     results: dict[str, Any] = {}
     for name, (run_cfg, path) in runs.items():
         print(f"[experiment] training {name} ({path}, {steps[name]} steps)", flush=True)
@@ -127,13 +155,15 @@ def _run(config, cfg) -> dict:
         load_model_weights(model, final)
         dataset = SampleDataset(str(synth_dir / f"{split}.jsonl"), num_frames=getattr(model.processor, "num_frames"))
         print(f"[experiment] evaluating {name} on {split}", flush=True)
-        results[name] = evaluate(model, dataset, **eval_cfg)
+        results[name] = evaluate(model, dataset, predictions=root / "predictions" / f"{name}.jsonl", **eval_cfg)
         results[name]["final_checkpoint"] = final
-    results[NO_INPUT] = evaluate_trivial(dataset, limit=eval_cfg.get("limit"))
+    results[NO_INPUT] = evaluate_trivial(dataset, limit=eval_cfg.get("limit"),
+                                         predictions=root / "predictions" / f"{NO_INPUT}.jsonl")
     table = format_table(results)
     plots = plot_results(results, root)
     summary = {"results": results, "steps": steps, "wall_time_s": round(time.time() - started, 1),
-               "table": table, "plots": plots, "work_dir": str(root)}
+               "table": table, "plots": plots, "work_dir": str(root),
+               "predictions": {name: str(root / "predictions" / f"{name}.jsonl") for name in results}}
     (root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (root / "results.md").write_text(table + "\n")
     return summary
@@ -189,5 +219,6 @@ def experiment_main(argv=None) -> int:
     print(summary["table"])
     print(f"wall time: {summary['wall_time_s']:.0f} s (writing the benchmark, training, evaluating)")
     print(f"results: {os.path.join(summary['work_dir'], 'results.json')}")
+    print(f"answers: {os.path.join(summary['work_dir'], 'predictions', '<run>.jsonl')}")
     print("plots:\n  " + "\n  ".join(summary["plots"]))
     return 0

@@ -8,7 +8,10 @@ SFT-only baseline and a TPO model are scored on the same samples.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -40,7 +43,8 @@ def _question(item: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: int | None = None) -> dict[str, Any]:
+def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: int | None = None,
+             predictions: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score ``model`` on the items of a :class:`~tpo.data.datasets.SampleDataset`.
 
     Returns ``qa/accuracy``; ``box/acc@0.5`` and ``box/miou`` (the first
@@ -48,13 +52,24 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
     ``temporal/mIoU``; ``mask/miou`` (mean over annotated frames); the
     counts of each kind, and ``*/unanswered``: samples whose answer held no
     box, span or mask (scored as IoU 0).
+
+    ``predictions``: a ``.jsonl`` path that receives one line per scored
+    sample (its id, task, question, the model's text, what was scored
+    against what, and the score), written atomically once all are scored.
     """
     from tpo.models.tpo_model import TPOModel
 
+    if predictions is not None and Path(predictions).suffix != ".jsonl":
+        raise ValueError(f"predictions: a .jsonl path, got {str(predictions)!r}")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and hasattr(dataset, "samples"):  # a SampleDataset: checked before any answer
+        check_answer_budget(tokenizer, dataset, max_new_tokens, limit)
     model.eval()
     is_tpo = isinstance(model, TPOModel)
 
     def answer(item: dict) -> tuple[str, dict]:
+        if tokenizer is not None and not hasattr(dataset, "samples"):  # any other iterable: item by item
+            _check_budget(tokenizer, [(item["conversations"], item.get("meta") or {}, item.get("id"))], max_new_tokens)
         media = {"image" if item["media_type"] == "image" else "video": item["media"]}
         if is_tpo:
             size = tuple(item["media"].shape[-2:])
@@ -63,10 +78,57 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
             return result["text"], result["tasks"]
         return model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
 
-    return _score(dataset, answer, limit)
+    return _score(dataset, answer, limit, predictions)
 
 
-def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None) -> dict[str, Any]:
+def _scored_reference(conversations: list[dict], task: str | None) -> str | None:
+    """The part of a sample's reference answer that a text answer is scored on:
+    all of it for a question, up to the first box or span for grounding; None
+    where text is not scored (masks come only from a mask head)."""
+    reference = next((turn["value"] for turn in conversations if turn["from"] == "gpt"), None)
+    if reference is None or task not in ("qa", "grounding", "temporal_grounding"):
+        return None
+    if task != "qa":
+        found = (_BOX if task == "grounding" else _SPAN).search(reference)
+        reference = reference[:found.end()] if found else reference
+    return reference
+
+
+def _check_budget(tokenizer, samples: Iterable[tuple[list[dict], dict, Any]], max_new_tokens: int) -> None:
+    """A ValueError when ``max_new_tokens`` cannot hold the scored part of the
+    reference answer of one of ``samples`` (``(conversations, meta, id)``):
+    such answers would be cut short and scored wrong or unanswered, whatever
+    the model knows. It names the longest, so one fix is enough."""
+    longest = (0, None, None, None)
+    for conversations, meta, sample_id in samples:
+        reference = _scored_reference(conversations, meta.get("task"))
+        if reference is not None:
+            needed = len(tokenizer(reference, add_special_tokens=False)["input_ids"])
+            longest = max(longest, (needed, sample_id, meta.get("task"), reference), key=lambda x: x[0])
+    needed, sample_id, task, reference = longest
+    if needed > max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} cannot hold the reference answer of sample {sample_id!r} "
+            f"({task}: {needed} tokens up to what is scored, {reference!r}); a model's answer would be "
+            f"cut short and scored as wrong. Raise max_new_tokens (evaluation.max_new_tokens) to at least {needed}"
+        )
+
+
+def check_answer_budget(tokenizer, dataset, max_new_tokens: int, limit: int | None = None) -> None:
+    """Check, from the annotations alone (no media is read), that answers of
+    ``max_new_tokens`` tokens can hold the scored part of every reference
+    answer among the first ``limit`` samples of a
+    :class:`~tpo.data.datasets.SampleDataset`; a ValueError naming the longest
+    and the budget it needs otherwise. :func:`evaluate` runs it first; run it
+    yourself before training to fail early (``tpo experiment`` does)."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: a positive int, got {max_new_tokens!r}")
+    _check_budget(tokenizer, [([t.to_dict() for t in sample.conversations], sample.meta, sample.id)
+                              for sample in dataset.samples[:limit]], max_new_tokens)
+
+
+def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None,
+                     predictions: str | os.PathLike | None = None) -> dict[str, Any]:
     """The metrics of :func:`evaluate` for answers that look at nothing: option
     (A) for every question (right on the multiple-choice ones whose answer is
     A, wrong on the open ones), the whole frame as the box and as the mask,
@@ -80,13 +142,35 @@ def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None) -> dict[
             heads["mask"] = {"masks": torch.ones_like(item["masks"], dtype=torch.bool)[None]}
         return "A", heads
 
-    return _score(dataset, answer, limit)
+    return _score(dataset, answer, limit, predictions)
 
 
-def _score(dataset: Iterable[dict], answer, limit: int | None) -> dict[str, Any]:
-    """Score ``answer(item) -> (text, task head outputs)`` on the evaluated items of ``dataset``."""
+def _values(x) -> list | None:
+    return None if x is None else [round(float(v), 4) for v in np.asarray(x).reshape(-1)]
+
+
+def _write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write ``records`` as JSON lines atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _score(dataset: Iterable[dict], answer, limit: int | None,
+           predictions: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Score ``answer(item) -> (text, task head outputs)`` on the evaluated items of ``dataset``;
+    with ``predictions``, write what was scored to that ``.jsonl`` file."""
+    if predictions is not None and Path(predictions).suffix != ".jsonl":  # before any answer is computed
+        raise ValueError(f"predictions: a .jsonl path, got {str(predictions)!r}")
     qa, boxes, spans, masks = [], [], [], []
     unanswered = {"box": 0, "temporal": 0, "mask": 0}
+    records: list[dict] = []
     for n, item in enumerate(dataset):
         if limit is not None and n >= limit:
             break
@@ -95,35 +179,45 @@ def _score(dataset: Iterable[dict], answer, limit: int | None) -> dict[str, Any]
             continue
         text, heads = answer(item)
         meta = item["meta"]
+        record = {"id": item.get("id"), "task": task, "question": _question(item), "text": text}
         if task == "qa":
             qa.append(qa_correct(text, meta["answer"], meta.get("answer_type", "open"), meta.get("options")))
+            record.update(answer=meta["answer"], score=float(qa[-1]))
         elif task == "grounding" and len(item["boxes"]):
             pred = heads["region"]["boxes"][0].cpu().numpy() if "region" in heads else parse_box(text)
+            record.update(source="head" if "region" in heads else "text", target=_values(item["boxes"][0]))
             if pred is None or not np.all(np.isfinite(pred)) or pred[2] < pred[0] or pred[3] < pred[1]:
                 unanswered["box"] += 1
                 boxes.append(0.0)
             else:
                 boxes.append(float(box_iou(pred[None], item["boxes"][:1].numpy())[0]))
+            record.update(pred=_values(pred), score=boxes[-1])
         elif task == "temporal_grounding" and len(item["spans"]):
             pred = heads["temporal"]["spans"][0].cpu().numpy() if "temporal" in heads else parse_span(text)
+            record.update(source="head" if "temporal" in heads else "text", target=_values(item["spans"][0]))
             if pred is None or not np.all(np.isfinite(pred)) or pred[1] < pred[0]:
                 unanswered["temporal"] += 1
                 spans.append(0.0)
             else:
                 spans.append(float(span_iou(pred[None], item["spans"][:1].numpy())[0]))
+            record.update(pred=_values(pred), score=spans[-1])
         elif task == "segmentation" and item.get("masks") is not None:
             target = item["masks"].bool()
             target = target[None] if target.dim() == 2 else target
             if "mask" not in heads:
                 unanswered["mask"] += 1
                 masks.append(0.0)
-                continue
-            pred = heads["mask"]["masks"][0].cpu().bool()
-            pred = pred[None] if pred.dim() == 2 else pred
-            valid = item.get("mask_valid")
-            frames = range(target.shape[0]) if valid is None else [t for t in range(target.shape[0]) if valid[t]]
-            masks.append(float(np.mean([mask_iou(pred[min(t, pred.shape[0] - 1)].numpy(), target[t].numpy())
-                                        for t in frames])))
+            else:
+                pred = heads["mask"]["masks"][0].cpu().bool()
+                pred = pred[None] if pred.dim() == 2 else pred
+                valid = item.get("mask_valid")
+                frames = range(target.shape[0]) if valid is None else [t for t in range(target.shape[0]) if valid[t]]
+                masks.append(float(np.mean([mask_iou(pred[min(t, pred.shape[0] - 1)].numpy(), target[t].numpy())
+                                            for t in frames])))
+            record.update(source="head" if "mask" in heads else None, score=masks[-1])  # masks: only the IoU
+        else:
+            continue  # an item of a scored task without an annotation to score against
+        records.append(record)
     spans_arr, boxes_arr = np.array(spans), np.array(boxes)
     report: dict[str, Any] = {
         "qa/accuracy": float(np.mean(qa)) if qa else None,
@@ -136,4 +230,6 @@ def _score(dataset: Iterable[dict], answer, limit: int | None) -> dict[str, Any]
     for t in (0.3, 0.5, 0.7):
         report[f"temporal/R@{t}"] = float((spans_arr >= t).mean()) if spans else None
     report.update({f"{k}/unanswered": v for k, v in unanswered.items()})
+    if predictions is not None:
+        _write_jsonl(predictions, records)
     return report
