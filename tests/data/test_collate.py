@@ -532,3 +532,50 @@ def test_task_tokens_at_the_start_of_the_answer(model, items):
     assert [t for t in end["labels"][0].tolist() if t != -100][0] != begin_id
     with pytest.raises(ValueError, match="task_token_position"):
         ConversationCollator(model.processor, tasks=TASKS, task_token_position="middle")
+
+
+def test_assign_mask_marks_every_task_decision(model, items):
+    """Each begin token, and in each answer without one the token a begin token
+    would take: the first answer token ("start") or the end-of-turn ("end")."""
+    tok = tok_of(model)
+    begins = set(tok.convert_tokens_to_ids([task_tokens(n)[0] for n in TASKS]))
+    chat = llava_item(turns=3)  # three answers, no task
+    for position in ("start", "end"):
+        collator = ConversationCollator(model.processor, tasks=TASKS, task_token_position=position)
+        batch = collator(items + [chat])
+        labels, mask = batch["labels"], batch["assign_mask"]
+        assert mask.dtype == torch.bool and mask.shape == labels.shape
+        assert not (mask & (labels == IGNORE_INDEX)).any()
+        for b in range(labels.shape[0]):
+            runs = labelled_runs(labels[b])  # one run per answer (its text, task and end-of-turn tokens)
+            marked = labels[b][mask[b]].tolist()
+            begin_here = [t for t in labels[b].tolist() if t in begins]
+            if begin_here:  # task answers: exactly the begin tokens are marked
+                assert marked == begin_here, (position, b)
+                first = [j for j, t in enumerate(labels[b].tolist()) if t in begins][0]
+                assert (labels[b, first - 1] == IGNORE_INDEX) == (position == "start")  # the answer's first token
+            else:  # every answer is a decision not to emit a task token
+                want = [run[0] if position == "start" else tok.eos_token_id for run in runs]
+                assert marked == want, (position, b, marked, want)
+        assert len(labelled_runs(labels[-1])) == 3 and int(mask[-1].sum()) == 3
+        left = ConversationCollator(model.processor, tasks=TASKS, task_token_position=position,
+                                    padding_side="left")(items + [chat])
+        for b in range(labels.shape[0]):  # padding moves the marks with the tokens
+            assert labels[b][mask[b]].tolist() == left["labels"][b][left["assign_mask"][b]].tolist()
+    assert "assign_mask" not in ConversationCollator(model.processor)(items)  # no tasks, no decisions
+
+
+def test_a_template_that_wraps_the_answer_cannot_place_the_task_decision(model, items):
+    tok = copy.deepcopy(tok_of(model))
+    # "Answer: " written before each assistant answer, after the generation prompt
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
+        "{% if m['role'] == 'assistant' %}Answer: {% endif %}{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    proc = MultimodalProcessor(tok, model.processor.preprocess, model.tokens_per_frame, model.processor.num_frames)
+    grounding = next(i for i in items if i["meta"].get("task") == "grounding")
+    with pytest.raises(ValueError, match=r"first task token is its token \d+.*'start' puts it at 0.*chat template"):
+        ConversationCollator(proc, tasks=TASKS, task_token_position="start")([grounding])
+    ConversationCollator(proc, tasks=TASKS, task_token_position="end")([grounding])  # after the text: found

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tpo.data.datasets import SampleDataset
 from tpo.data.synth import synthesize
@@ -72,6 +73,9 @@ def test_predictions_file_holds_what_was_scored(dataset, tmp_path):
     trivial = evaluate_trivial(dataset, predictions=tmp_path / "none.jsonl")
     heads = [json.loads(line) for line in (tmp_path / "none.jsonl").read_text().splitlines()]
     assert {line["source"] for line in heads if line["task"] != "qa"} == {"head"}
+    assert {tuple(line["heads"]) for line in heads if line["task"] == "qa"} <= {("region", "temporal"),
+                                                                             ("mask", "region", "temporal")}
+    assert all(line["heads"] == [] for line in lines)  # text answers ran no head
     assert np.mean([line["score"] for line in heads if line["task"] == "segmentation"]) == pytest.approx(
         trivial["mask/miou"])
 
@@ -91,6 +95,7 @@ def test_real_models_are_evaluated(dataset):
     for config in ("configs/mllm/timm_mlp_llama.py", "configs/tpo/timm_mlp_llama.py"):
         report = evaluate(build_model(config), dataset, max_new_tokens=40, limit=12)
         assert report["count/qa"] + report["count/box"] + report["count/temporal"] + report["count/mask"] > 0
+        assert (report["assign/accuracy"] is None) == ("mllm" in config)  # task assignment: TPO models only
 
 
 def test_the_no_input_reference_scores_what_its_answers_are_worth(dataset):
@@ -157,3 +162,29 @@ def test_scored_reference_is_the_part_a_text_answer_is_scored_on():
         "It enters from 0.25 to 0.50")
     assert _scored_reference(conv("the red circle"), "qa") == "the red circle"
     assert _scored_reference(conv("<mask>"), "segmentation") is None  # masks come only from a head
+
+
+def test_task_assignment_is_scored_from_the_heads_an_answer_ran(dataset):
+    from tpo.evaluation.evaluate import _score
+
+    box = {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]])}
+
+    def answer(item):  # right heads for questions, boxes and masks; the mask head for a span question
+        task = item["meta"]["task"]
+        if task == "grounding":
+            return "", {"region": box}
+        if task == "temporal_grounding":
+            return "", {"mask": {"masks": torch.ones(1, 4, 32, 32, dtype=torch.bool)}}
+        if task == "segmentation":
+            return "", {"mask": {"masks": torch.ones_like(item["masks"], dtype=torch.bool)[None]}}
+        return "A", {}
+
+    expected = {"qa": [], "grounding": ["region"], "temporal_grounding": ["temporal"], "segmentation": ["mask"]}
+    report = _score(dataset, answer, None, expected_heads=expected)
+    counts = [report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask")]
+    assert all(counts)
+    assert report["assign/qa"] == report["assign/grounding"] == report["assign/segmentation"] == 1.0
+    assert report["assign/temporal_grounding"] == 0.0
+    assert report["assign/accuracy"] == pytest.approx((sum(counts) - counts[2]) / sum(counts))
+    assert report["temporal/unanswered"] == counts[2]  # no temporal head ran and the text holds no span
+    assert _score(dataset, answer, None)["assign/accuracy"] is None  # not a TPO model: not scored

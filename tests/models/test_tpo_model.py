@@ -221,3 +221,40 @@ def test_every_tpo_config_trains_all_heads(name):
     assert {n.split(".")[0] for n in out["losses"]} >= {"region", "temporal", "mask", "track"}
     out["loss"].backward()
     assert other.task_embeddings["mask"].grad is not None
+
+
+def test_assign_loss_covers_the_decision_not_to_emit_a_task_token(model):
+    """With the collator's assign_mask, a plain-text answer's first token is a
+    task decision too: the assign loss is the mean cross-entropy at the marked
+    positions (begin tokens and plain answers' first tokens alike)."""
+    from tpo.data.collate import ConversationCollator
+
+    gen = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    chat = {"id": "qa", "media_type": "video", "media": video, "conversations": [
+        {"from": "human", "value": "<video>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]}
+    grounding = {"id": "box", "media_type": "video", "media": video, "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]),
+                 "box_frames": torch.tensor([0]), "conversations": [
+        {"from": "human", "value": "<video>\nWhere is the circle?"}, {"from": "gpt", "value": "here"}]}
+    collator = ConversationCollator(model.processor, tasks=model.tasks, task_token_position="start")
+    batch = collator([chat, grounding])
+    mask = batch["assign_mask"]
+    assert mask.sum(1).tolist() == [1, 1]
+    begin = model.tokenizer.convert_tokens_to_ids(task_tokens("region")[0])
+    assert batch["labels"][1][mask[1]].tolist() == [begin]
+    assert batch["labels"][0][mask[0]].tolist() == model.tokenizer("red", add_special_tokens=False)["input_ids"][:1]
+    with torch.no_grad():
+        out = model(batch)
+        logits = model.llm.get_output_embeddings()(out["hidden_states"]).double()
+    rows, cols = mask.nonzero(as_tuple=True)
+    want = -logits[rows, cols - 1].log_softmax(-1)[torch.arange(len(rows)), batch["labels"][rows, cols]].mean()
+    torch.testing.assert_close(out["losses"]["assign"].double(), want, rtol=1e-4, atol=1e-5)
+    # without the mask (a batch from elsewhere): the begin tokens alone
+    legacy = {k: v for k, v in batch.items() if k != "assign_mask"}
+    with torch.no_grad():
+        alone = model(legacy)["losses"]["assign"].double()
+    want_begin = -logits[1, cols[1] - 1].log_softmax(-1)[begin]
+    torch.testing.assert_close(alone, want_begin, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a chat-only batch still learns its decision
+        assert "assign" in model(collator([chat]))["losses"]
+        assert "assign" not in model({k: v for k, v in collator([chat]).items() if k != "assign_mask"})["losses"]

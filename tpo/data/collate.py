@@ -444,6 +444,13 @@ class ConversationCollator(_ChatCollator):
       prompts, in order of occurrence
     * ``num_truncated`` (items truncated), ``truncated_turns [B]`` (messages
       dropped), ``truncated_tokens [B]``, ``num_tokens`` (labelled tokens)
+    * ``assign_mask`` bool ``[B, L]`` (with ``tasks`` only): the labelled
+      positions where the model decides whether an answer needs a task: each
+      task begin token, and in every answer without one the token a begin
+      token would take (its first token with ``task_token_position="start"``,
+      its end-of-turn token with ``"end"``). The task-assignment loss is taken
+      there, so answering in plain text is learnt as a decision too, not only
+      emitting a task token.
 
     A task annotation counts when it is non-empty on the sampled frames (a
     box, a span, a mask with a foreground pixel on a valid frame, a track
@@ -657,7 +664,7 @@ class ConversationCollator(_ChatCollator):
         for b, ids, (_, answer) in zip(owners, encoded, pieces):
             per_item[b].append(self._segment(ids, answer))
 
-        seqs, labels, turns, cut = [], [], [], []
+        seqs, labels, turns, cut, decisions = [], [], [], [], []
         for p, segments in zip(prepared, per_item):
             segments, dropped, removed = self._fit(p, segments)
             ids = [t for s in segments for t in s.ids]
@@ -666,6 +673,8 @@ class ConversationCollator(_ChatCollator):
             labels.append([t for s in segments for t in self._labels(s)])
             turns.append(dropped)
             cut.append(removed)
+            if self.tasks:
+                decisions.append(self._decisions(segments, p["sid"]))
         input_ids, attention_mask, label_t, offsets = self._pad(seqs, labels)
         ids = [p["sid"] for p in prepared]
         batch: dict[str, Any] = {
@@ -682,7 +691,39 @@ class ConversationCollator(_ChatCollator):
         batch["truncated_turns"] = torch.tensor(turns, dtype=torch.long)
         batch["truncated_tokens"] = torch.tensor(cut, dtype=torch.long)
         batch["num_tokens"] = int((label_t != IGNORE_INDEX).sum())
+        if self.tasks:
+            assign = torch.zeros_like(label_t, dtype=torch.bool)
+            for b, (positions, start) in enumerate(zip(decisions, offsets)):
+                assign[b, [start + j for j in positions]] = True
+            batch["assign_mask"] = assign & (label_t != IGNORE_INDEX)
         return batch
+
+    def _decisions(self, segments: list[_Segment], sid: Any) -> list[int]:
+        """The positions (in the item's unpadded sequence) of its task
+        decisions: every begin token, and for each answer without one, where
+        the first would be."""
+        begins = set(self.begin_ids.values())
+        out, at = [], 0
+        for seg in segments:
+            if seg.answer:
+                found = [at + j for j, t in enumerate(seg.ids[: seg.label_end]) if t in begins]
+                if found:
+                    first = found[0] - at
+                    expected = 0 if self.task_token_position == "start" else seg.tail_start
+                    if first != expected:
+                        raise ValueError(
+                            f"{_where(sid, 'conversations')}: the answer's first task token is its token {first}, "
+                            f"where task_token_position={self.task_token_position!r} puts it at {expected}; the chat "
+                            "template adds text around the answer's content, which the task-assignment decision "
+                            "cannot be placed by (use a template whose generation prompt ends where the answer starts)"
+                        )
+                    out += found
+                else:
+                    j = 0 if self.task_token_position == "start" else seg.tail_start
+                    if j < seg.label_end:
+                        out.append(at + j)
+            at += len(seg.ids)
+        return out
 
     def _position(self, seq: list[int], token: int, sid: Any, name: str) -> int:
         where = [j for j, t in enumerate(seq) if t == token]

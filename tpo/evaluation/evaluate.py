@@ -51,11 +51,15 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
     annotated box of a grounding sample); ``temporal/R@{0.3,0.5,0.7}`` and
     ``temporal/mIoU``; ``mask/miou`` (mean over annotated frames); the
     counts of each kind, and ``*/unanswered``: samples whose answer held no
-    box, span or mask (scored as IoU 0).
+    box, span or mask (scored as IoU 0). For a TPO model, task assignment:
+    ``assign/accuracy`` (the answer ran exactly the heads trained on its
+    task's annotation, and none for a question) and ``assign/<task>`` per
+    task; ``None`` for other models.
 
     ``predictions``: a ``.jsonl`` path that receives one line per scored
-    sample (its id, task, question, the model's text, what was scored
-    against what, and the score), written atomically once all are scored.
+    sample (its id, task, question, the model's text, the task heads it ran,
+    what was scored against what, and the score), written atomically once
+    all are scored.
     """
     from tpo.models.tpo_model import TPOModel
 
@@ -78,7 +82,15 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
             return result["text"], result["tasks"]
         return model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
 
-    return _score(dataset, answer, limit, predictions)
+    expected = None
+    if is_tpo:  # the heads a task's question should run: those trained on its annotation
+        expected = {task: sorted(n for n, t in model.tasks.items() if t["annotation"] == kind)
+                    for task, kind in _TASK_ANNOTATION.items()}
+        expected["qa"] = []
+    return _score(dataset, answer, limit, predictions, expected)
+
+
+_TASK_ANNOTATION = {"grounding": "boxes", "temporal_grounding": "spans", "segmentation": "masks"}
 
 
 def _scored_reference(conversations: list[dict], task: str | None) -> str | None:
@@ -163,9 +175,12 @@ def _write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 
 def _score(dataset: Iterable[dict], answer, limit: int | None,
-           predictions: str | os.PathLike | None = None) -> dict[str, Any]:
+           predictions: str | os.PathLike | None = None,
+           expected_heads: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Score ``answer(item) -> (text, task head outputs)`` on the evaluated items of ``dataset``;
-    with ``predictions``, write what was scored to that ``.jsonl`` file."""
+    with ``predictions``, write what was scored to that ``.jsonl`` file; with
+    ``expected_heads`` (task -> the heads its question should run), score
+    task assignment too."""
     if predictions is not None and Path(predictions).suffix != ".jsonl":  # before any answer is computed
         raise ValueError(f"predictions: a .jsonl path, got {str(predictions)!r}")
     qa, boxes, spans, masks = [], [], [], []
@@ -179,7 +194,8 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
             continue
         text, heads = answer(item)
         meta = item["meta"]
-        record = {"id": item.get("id"), "task": task, "question": _question(item), "text": text}
+        record = {"id": item.get("id"), "task": task, "question": _question(item), "text": text,
+                  "heads": sorted(heads)}  # the task heads the answer ran (a TPO model's emitted task tokens)
         if task == "qa":
             qa.append(qa_correct(text, meta["answer"], meta.get("answer_type", "open"), meta.get("options")))
             record.update(answer=meta["answer"], score=float(qa[-1]))
@@ -217,6 +233,8 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
             record.update(source="head" if "mask" in heads else None, score=masks[-1])  # masks: only the IoU
         else:
             continue  # an item of a scored task without an annotation to score against
+        if expected_heads is not None:
+            record["assigned"] = record["heads"] == expected_heads[task]
         records.append(record)
     spans_arr, boxes_arr = np.array(spans), np.array(boxes)
     report: dict[str, Any] = {
@@ -226,7 +244,14 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
         "temporal/mIoU": float(spans_arr.mean()) if spans else None,
         "mask/miou": float(np.mean(masks)) if masks else None,
         "count/qa": len(qa), "count/box": len(boxes), "count/temporal": len(spans), "count/mask": len(masks),
+        # task assignment (TPO models): the answer ran exactly the heads its task needs (none for a question)
+        "assign/accuracy": (float(np.mean([r["assigned"] for r in records])) if expected_heads is not None
+                            and records else None),
     }
+    if expected_heads is not None:
+        for task in ("qa", *_TASK_ANNOTATION):
+            mine = [r["assigned"] for r in records if r["task"] == task]
+            report[f"assign/{task}"] = float(np.mean(mine)) if mine else None
     for t in (0.3, 0.5, 0.7):
         report[f"temporal/R@{t}"] = float((spans_arr >= t).mean()) if spans else None
     report.update({f"{k}/unanswered": v for k, v in unanswered.items()})

@@ -37,8 +37,12 @@ class TPOModel(MultimodalLLM):
             ``annotation`` (which sample field trains the head) defaults by name
             (region: boxes, temporal: spans, mask: masks, track: tracks);
             ``weight`` scales the head's total loss.
-        assign_weight: weight of the task-assignment loss (the LM loss on the
-            begin tokens, reported apart from ``lm``).
+        assign_weight: weight of the task-assignment loss, reported apart
+            from ``lm``: the LM loss at the task decisions the collator marks
+            in ``batch["assign_mask"]`` (each begin token, and in answers
+            without one the token in its place, so that not emitting a task
+            token is learnt with the same weight); on the begin tokens alone
+            when the batch has no mask.
         box_encoder: config of the encoder of input boxes (``BoxEncoder``), or
             ``None`` when no task takes a box prompt.
         **kwargs: the :class:`MultimodalLLM` arguments.
@@ -153,8 +157,12 @@ class TPOModel(MultimodalLLM):
             lm, count = self.lm_loss(hidden, labels.masked_fill(begin, IGNORE_INDEX))
             out["losses"]["lm"], out["num_tokens"] = lm, count
             total = total + lm
-            if begin.any():
-                assign, _ = self.lm_loss(hidden, labels.masked_fill(~begin, IGNORE_INDEX))
+            # the task decisions: the collator's assign_mask (begin tokens, and where one would be in answers
+            # without any) when given, else the begin tokens alone
+            decision = batch.get("assign_mask")
+            decision = begin if decision is None else decision.to(begin.device).bool() & (labels != IGNORE_INDEX)
+            if decision.any():
+                assign, _ = self.lm_loss(hidden, labels.masked_fill(~decision, IGNORE_INDEX))
                 out["losses"]["assign"] = assign
                 total = total + self.assign_weight * assign
         task_targets = batch.get("task_targets") or {}
