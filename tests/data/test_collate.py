@@ -579,3 +579,32 @@ def test_a_template_that_wraps_the_answer_cannot_place_the_task_decision(model, 
     with pytest.raises(ValueError, match=r"first task token is its token \d+.*'start' puts it at 0.*chat template"):
         ConversationCollator(proc, tasks=TASKS, task_token_position="start")([grounding])
     ConversationCollator(proc, tasks=TASKS, task_token_position="end")([grounding])  # after the text: found
+
+
+def test_truncation_cuts_the_text_after_task_tokens_at_the_start(model):
+    """task_token_position="start": the answer's task tokens lead, its text follows and is what is cut."""
+    tok = tok_of(model)
+    long = "frame 0: [0.1, 0.2, 0.3, 0.4]; " * 8
+    item = llava_item(sid="box-long", turns=1, answer=long, boxes=torch.tensor([[0.1, 0.1, 0.5, 0.5]]),
+                      box_frames=torch.tensor([0]))
+    collator = ConversationCollator(model.processor, tasks=TASKS, task_token_position="start", max_length=None)
+    full = collator([item])
+    n = full["input_ids"].shape[1]
+    begin, query = (tok.convert_tokens_to_ids(t) for t in task_tokens("region"))
+    batch = ConversationCollator(model.processor, tasks=TASKS, task_token_position="start", max_length=n - 20)([item])
+    assert batch["input_ids"].shape[1] == n - 20 and batch["truncated_tokens"].tolist() == [20]
+    full_lab = [t for r in labelled_runs(full["labels"][0]) for t in r]
+    cut_lab = [t for r in labelled_runs(batch["labels"][0]) for t in r]
+    assert full_lab[0] == begin and full_lab[-1] == tok.eos_token_id
+    assert cut_lab == full_lab[: len(full_lab) - 21] + full_lab[-1:]  # the text's last 20 tokens went
+    q = int(batch["task_targets"]["region"]["query_position"][0])
+    assert batch["input_ids"][0, q] == query and batch["input_ids"][0, q - 1] == begin
+    assert batch["labels"][0][batch["assign_mask"][0]].tolist() == [begin]
+    finite_loss(model, batch)
+    # what cannot be cut: the prompt, the task tokens (and the space after them) and the end-of-turn
+    text = len(full_lab) - 2  # the labelled text: all but the begin token and the end-of-turn
+    minimal = n - text
+    ConversationCollator(model.processor, tasks=TASKS, task_token_position="start", max_length=minimal)([item])
+    with pytest.raises(ValueError, match=r"sample 'box-long': cannot fit max_length=.*task and end-of-turn tokens"):
+        ConversationCollator(model.processor, tasks=TASKS, task_token_position="start",
+                             max_length=minimal - 1)([item])

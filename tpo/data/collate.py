@@ -113,13 +113,21 @@ def _where(sid: Any, field: str) -> str:
 @dataclass
 class _Segment:
     """A piece of a rendered sequence: a prompt (unlabelled) or an answer
-    (labelled up to ``label_end``; ``ids[:tail_start]`` is its text, which
-    truncation may shorten, the rest its task and end-of-turn tokens)."""
+    (labelled up to ``label_end``; ``ids[text_start:tail_start]`` is its text,
+    which truncation may shorten; before it the task tokens an answer starts
+    with (``task_token_position="start"``), after it its task tokens (``"end"``)
+    and end-of-turn tokens)."""
 
     ids: list[int]
     answer: bool
     label_end: int = 0
     tail_start: int = 0
+    text_start: int = 0
+
+    @property
+    def fixed(self) -> int:
+        """The tokens truncation never cuts: the answer's task and end-of-turn tokens."""
+        return len(self.ids) - (self.tail_start - self.text_start)
 
 
 class _ChatCollator:
@@ -328,15 +336,19 @@ class _ChatCollator:
         markers = [j for j, t in enumerate(ids) if t in self.special_ids and t not in self._structural]
         label_end = markers[-1] + 1 if markers else len(ids)
         tasks = [j for j, t in enumerate(ids) if t in self._structural]
+        head = 0
+        if tasks and tasks[0] == 0:  # the answer starts with its task tokens: its text follows the last
+            head = tasks[-1] + 1
+            tasks = []
         if tasks:
             tail = tasks[0]
-        elif markers:  # the run of end-of-turn tokens the answer ends with
+        elif markers and markers[-1] >= head:  # the run of end-of-turn tokens the answer ends with
             tail = markers[-1]
-            while tail > 0 and ids[tail - 1] in self.special_ids:
+            while tail > head and ids[tail - 1] in self.special_ids:
                 tail -= 1
         else:
             tail = len(ids)
-        return _Segment(ids, True, label_end, tail)
+        return _Segment(ids, True, label_end, tail, head)
 
     def _encode(self, messages: list[dict], frames: int, sid: Any) -> list[_Segment]:
         pieces = self._answer_texts(messages, sid)
@@ -357,7 +369,7 @@ class _ChatCollator:
         """``seg`` with the last ``drop`` tokens of its text removed."""
         keep = seg.tail_start - drop
         ids = seg.ids[:keep] + seg.ids[seg.tail_start:]
-        return _Segment(ids, True, seg.label_end - drop, keep)
+        return _Segment(ids, True, seg.label_end - drop, keep, seg.text_start)
 
     def _too_long(self, sid: Any, prompt: int, media: int, tail: int) -> ValueError:
         return ValueError(
@@ -642,9 +654,9 @@ class ConversationCollator(_ChatCollator):
         if length > self.max_length:
             prompt, answer = segments[0], segments[1]
             over = length - self.max_length
-            if over > answer.tail_start:
+            if over > answer.tail_start - answer.text_start:
                 media = sum(1 for t in prompt.ids if t in self.media_ids)
-                raise self._too_long(sid, len(prompt.ids), media, len(answer.ids) - answer.tail_start)
+                raise self._too_long(sid, len(prompt.ids), media, answer.fixed)
             segments = [prompt, self._cut_answer(answer, over)]
         return segments, dropped, total - sum(len(s.ids) for s in segments)
 
@@ -887,9 +899,9 @@ class PreferenceCollator(_ChatCollator):
                 answer = self._segment(encoded[3 * k + 1 + side], True)
                 over = 0 if self.max_length is None else len(prompt) + len(answer.ids) - self.max_length
                 if over > 0:
-                    if over > answer.tail_start:
+                    if over > answer.tail_start - answer.text_start:
                         media = sum(1 for t in prompt if t in self.media_ids)
-                        raise self._too_long(p["sid"], len(prompt), media, len(answer.ids) - answer.tail_start)
+                        raise self._too_long(p["sid"], len(prompt), media, answer.fixed)
                     answer = self._cut_answer(answer, over)
                 rows[side].append(prompt + answer.ids)
                 labels[side].append([IGNORE_INDEX] * len(prompt) + self._labels(answer))
