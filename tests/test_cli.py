@@ -56,3 +56,32 @@ def test_data_synth(tmp_path):
 def test_missing_subcommand_exits():
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_eval_scores_a_model_on_a_dataset(tmp_path, capsys):
+    import json
+
+    from tpo.data.synth import synthesize
+
+    synthesize(tmp_path / "s", 3, seed=2, frames=4, size=32)
+    data = str(tmp_path / "s" / "test.jsonl")
+    tpo = str(ROOT / "configs" / "tpo" / "timm_mlp_llama.py")
+    answers = tmp_path / "answers.jsonl"
+    assert main(["eval", tpo, "--data", data, "--limit", "8", "--max-new-tokens", "40", "--json",
+                 "--predictions", str(answers)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    scored = sum(report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask"))
+    assert 0 < scored == len(answers.read_text().splitlines())
+    assert report["assign/accuracy"] is not None  # a TPO model: task assignment is scored
+    assert main(["eval", CONFIG, "--data", data, "--limit", "4", "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "qa/accuracy" in out and "random initialisation" in out and "assign/accuracy" not in out
+    # refused with the reason, before anything is answered
+    assert main(["eval", CONFIG, "--data", data, "--predictions", str(tmp_path / "a.json")]) == 2
+    assert "--predictions: a .jsonl path" in capsys.readouterr().err
+    assert main(["eval", CONFIG, "--data", data, "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["eval", CONFIG, "--data", data, "--max-new-tokens", "5"]) == 2
+    assert "cannot hold the reference answer" in capsys.readouterr().err
+    assert main(["eval", CONFIG, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

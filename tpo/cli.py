@@ -104,6 +104,41 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import torch
+
+    from tpo.data.datasets import SampleDataset
+    from tpo.evaluation import evaluate
+
+    if args.predictions is not None and Path(args.predictions).suffix != ".jsonl":
+        raise ValueError(f"--predictions: a .jsonl path, got {args.predictions!r}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: a positive number of samples, got {args.limit}")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    torch.manual_seed(args.seed)
+    model = build_model(args.config, cfg_options=args.cfg_options)
+    dataset = SampleDataset(args.data, num_frames=getattr(model.processor, "num_frames", None))
+    if args.checkpoint:
+        from tpo.models.utils import load_model_weights
+
+        load_model_weights(model, args.checkpoint)
+    report = evaluate(model, dataset, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      predictions=args.predictions)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{type(model).__name__} from {args.config}"
+              + (f" with {args.checkpoint}" if args.checkpoint else " (random initialisation: no --checkpoint)"))
+        print(f"on {args.data}" + (f" (first {args.limit} samples)" if args.limit else ""))
+        for key, value in report.items():
+            if value is not None:
+                print(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+    if args.predictions:
+        print(f"answers: {args.predictions}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and sampling")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_chat)
+
+    p = with_config(sub.add_parser("eval", help="score a model on a dataset: QA, boxes, spans, masks, task assignment"))
+    p.add_argument("--data", required=True, help="an annotation file (.jsonl/.json) of the tpo sample schema")
+    p.add_argument("--checkpoint", help="a checkpoint folder or .safetensors to load (a tpo train output)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="the answer budget (checked against the references)")
+    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--predictions", help="write every scored answer to this .jsonl")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
 
     # `tpo train ...` is handed to tpo.engine.main.train_main whole (see main()).
     sub.add_parser("train", help="train a model as a config says: tpo train CONFIG [--cfg-options ...] [--resume]")

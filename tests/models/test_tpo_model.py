@@ -258,3 +258,30 @@ def test_assign_loss_covers_the_decision_not_to_emit_a_task_token(model):
     with torch.no_grad():  # a chat-only batch still learns its decision
         assert "assign" in model(collator([chat]))["losses"]
         assert "assign" not in model({k: v for k, v in collator([chat]).items() if k != "assign_mask"})["losses"]
+
+
+def test_generation_never_emits_input_only_tokens():
+    """An LM head that prefers the box-prompt, query and media tokens over everything: generation (predict and
+    chat) skips them all and ends at the end-of-sequence token, the best token left."""
+    torch.manual_seed(0)
+    model = build_model(CONFIG).eval()
+    head = model.llm.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    torch.nn.init.zeros_(biased.weight)
+    torch.nn.init.zeros_(biased.bias)
+    banned = model.input_only_token_ids()
+    assert model.box_token_id in banned and set(model.query_ids.values()) <= set(banned)
+    assert set(model.media_token_ids.tolist()) <= set(banned)
+    with torch.no_grad():
+        biased.bias[banned] = 100.0
+        biased.bias[model.tokenizer.eos_token_id] = 10.0
+    model.llm.causal_lm.set_output_embeddings(biased)
+    video = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    result = model.predict("Where is it?", video=video, max_new_tokens=5)
+    assert result["token_ids"] == [model.tokenizer.eos_token_id] and result["tasks"] == {}
+    media = model.processor.prepare_media(video, "video")
+    inputs = model.processor([model.processor.chat_prompt("Where is it?", "video")], [media])
+    new = model.generate(inputs["input_ids"], inputs["attention_mask"], media=[media], max_new_tokens=5)
+    assert new[0].tolist() == [model.tokenizer.eos_token_id]  # what chat decodes
+    # a caller may still ask for other suppressions
+    assert model.predict("Where is it?", video=video, max_new_tokens=3, suppress_tokens=[])["token_ids"][0] in banned

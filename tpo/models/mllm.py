@@ -239,6 +239,7 @@ class MultimodalLLM(FreezeAwareModule):
         embeds = self.embed_inputs(input_ids, media, kwargs.pop("ids", None))
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
         kwargs.setdefault("use_cache", True)
+        kwargs.setdefault("suppress_tokens", self.input_only_token_ids())
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -249,6 +250,11 @@ class MultimodalLLM(FreezeAwareModule):
             **sampling,
             **kwargs,
         )
+
+    def input_only_token_ids(self) -> list[int]:
+        """Tokens that only stand for inputs (media placeholders here): a
+        generated one would mean nothing, so generation never emits them."""
+        return self.media_token_ids.tolist()
 
     @torch.no_grad()
     def chat(self, prompt: str, image=None, video=None, **generate_kwargs: Any) -> str:

@@ -292,7 +292,7 @@ class TPOModel(MultimodalLLM):
                 max_new_tokens=max_new_tokens - len(generated),
                 eos_token_id=stops,
                 pad_token_id=self.tokenizer.pad_token_id,
-                **generate_kwargs,
+                **{"suppress_tokens": self.input_only_token_ids(), **generate_kwargs},
             )[0]
             generated += new.tolist()
             ids = torch.cat([ids, new.unsqueeze(0).to(device)], dim=1)
@@ -315,6 +315,11 @@ class TPOModel(MultimodalLLM):
             results[task] = head.predict(hidden[:, -1], visual=head_visual, **extra)
         answer = self.tokenizer.decode(generated, skip_special_tokens=True)
         return {"text": answer, "tasks": results, "token_ids": generated}
+
+    def input_only_token_ids(self) -> list[int]:
+        """Media placeholders, the task query tokens (fed after a begin token,
+        never predicted) and the box-prompt token: never generated."""
+        return super().input_only_token_ids() + list(self.query_ids.values()) + [self.box_token_id]
 
     def _embed_with_visual(self, ids: torch.Tensor, visual, batch: Mapping) -> torch.Tensor:
         is_media = torch.isin(ids, self.media_token_ids.to(ids.device))
