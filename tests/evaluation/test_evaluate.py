@@ -8,7 +8,7 @@ import torch
 from tpo.data.datasets import SampleDataset
 from tpo.data.synth import synthesize
 from tpo.evaluation import check_answer_budget, evaluate, evaluate_trivial, parse_box, parse_span
-from tpo.evaluation.evaluate import _scored_reference
+from tpo.evaluation.evaluate import SCORED_TASKS, _scored_reference
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ class Oracle:
             question = next(t["value"] for t in item["conversations"] if t["from"] == "human")
             answer = next((t["value"] for t in item["conversations"] if t["from"] == "gpt"), "")
             key = question.replace("<video>", "").replace("<image>", "").strip()
-            if (item.get("meta") or {}).get("task") in ("qa", "grounding", "temporal_grounding", "segmentation"):
+            if (item.get("meta") or {}).get("task") in SCORED_TASKS:
                 self.answers.setdefault(key, []).append(answer)  # asked in dataset order
         self.corrupt = corrupt
 
@@ -51,6 +51,7 @@ def test_reference_answers_score_perfectly_and_wrong_ones_do_not(dataset):
     assert perfect["count/box"] > 0 and perfect["box/acc@0.5"] == 1.0
     assert perfect["count/temporal"] > 0 and perfect["temporal/R@0.5"] == 1.0
     assert perfect["mask/unanswered"] == perfect["count/mask"]  # text answers hold no mask
+    assert perfect["count/track"] > 0 and perfect["track/unanswered"] == perfect["count/track"]  # nor tracks
     wrong = evaluate(Oracle(dataset, corrupt=True), dataset)
     assert wrong["qa/accuracy"] < 0.5 and wrong["box/acc@0.5"] < 1.0
 
@@ -59,9 +60,9 @@ def test_predictions_file_holds_what_was_scored(dataset, tmp_path):
     path = tmp_path / "answers" / "oracle.jsonl"
     report = evaluate(Oracle(dataset, corrupt=True), dataset, predictions=path)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    by_task = {task: [line for line in lines if line["task"] == task]
-               for task in ("qa", "grounding", "temporal_grounding", "segmentation")}
-    assert [len(by_task[t]) for t in by_task] == [report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask")]
+    by_task = {task: [line for line in lines if line["task"] == task] for task in SCORED_TASKS}
+    assert [len(by_task[t]) for t in by_task] == [report[f"count/{k}"]
+                                                  for k in ("qa", "box", "temporal", "mask", "track")]
     assert np.mean([line["score"] for line in by_task["qa"]]) == pytest.approx(report["qa/accuracy"])
     assert all(line["text"] == "[0.9, 0.9, 0.95, 0.95] from 0.9 to 0.95 Z" for line in lines)
     box = by_task["grounding"][0]
@@ -128,6 +129,29 @@ def test_the_no_input_reference_scores_what_its_answers_are_worth(dataset):
     assert report["box/unanswered"] == report["temporal/unanswered"] == report["mask/unanswered"] == 0
 
 
+def test_tracks_are_scored_by_success_auc_over_visible_frames(dataset):
+    """The no-input tracker (the first box on every frame) against an OTB success AUC written out here:
+    per visible frame the IoU with the first box, the share of frames above each of 21 thresholds, their mean."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union if union > 0 else 0.0
+
+    aucs = []
+    for item in dataset:
+        if (item.get("meta") or {}).get("task") != "tracking" or not item["tracks"]:
+            continue
+        track = item["tracks"][0]
+        ious = [iou(track["init_box"].tolist(), box.tolist()) for box, ok in zip(track["boxes"], track["valid"]) if ok]
+        if ious:
+            aucs.append(np.mean([np.mean([v > t for v in ious]) for t in np.linspace(0, 1, 21)]))
+    report = evaluate_trivial(dataset)
+    assert report["count/track"] == len(aucs) > 0 and report["track/unanswered"] == 0
+    assert report["track/auc"] == pytest.approx(np.mean(aucs), rel=1e-6)
+    assert 0 < report["track/auc"] < 1  # the objects move: a box that stays put loses them in part
+
+
 def test_a_budget_too_short_for_the_reference_answers_is_refused_before_answering(dataset):
     from tpo.registry import build_model
 
@@ -179,12 +203,32 @@ def test_task_assignment_is_scored_from_the_heads_an_answer_ran(dataset):
             return "", {"mask": {"masks": torch.ones_like(item["masks"], dtype=torch.bool)[None]}}
         return "A", {}
 
-    expected = {"qa": [], "grounding": ["region"], "temporal_grounding": ["temporal"], "segmentation": ["mask"]}
+    expected = {"qa": [], "grounding": ["region"], "temporal_grounding": ["temporal"], "segmentation": ["mask"],
+                "tracking": ["track"]}
     report = _score(dataset, answer, None, expected_heads=expected)
-    counts = [report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask")]
+    counts = [report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask", "track")]
     assert all(counts)
     assert report["assign/qa"] == report["assign/grounding"] == report["assign/segmentation"] == 1.0
-    assert report["assign/temporal_grounding"] == 0.0
-    assert report["assign/accuracy"] == pytest.approx((sum(counts) - counts[2]) / sum(counts))
+    assert report["assign/temporal_grounding"] == 0.0 and report["assign/tracking"] == 0.0  # no head ran
+    assert report["assign/accuracy"] == pytest.approx((sum(counts) - counts[2] - counts[4]) / sum(counts))
     assert report["temporal/unanswered"] == counts[2]  # no temporal head ran and the text holds no span
     assert _score(dataset, answer, None)["assign/accuracy"] is None  # not a TPO model: not scored
+
+
+def test_a_tpo_model_tracks_from_the_first_box(dataset):
+    from tpo.registry import build_model
+
+    model = build_model("configs/tpo/timm_mlp_llama.py")
+    tracking = [item for item in dataset if (item.get("meta") or {}).get("task") == "tracking" and item["tracks"]
+                and bool(item["tracks"][0]["valid"].any())]
+    given, predict = [], model.predict
+
+    def recording(prompt, **kwargs):
+        given.append(kwargs.get("input_box"))
+        return predict(prompt, **kwargs)
+
+    model.predict = recording
+    report = evaluate(model, tracking, max_new_tokens=40)
+    assert given == [item["tracks"][0]["init_box"].tolist() for item in tracking]
+    assert report["count/track"] == len(tracking) > 0
+    assert 0 <= report["track/unanswered"] <= report["count/track"]  # items whose answer ran no track head

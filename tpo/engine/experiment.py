@@ -31,7 +31,7 @@ import torch
 from tpo.registry import load_config
 
 METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
-           ("mask/miou", "mask IoU"), ("assign/accuracy", "task assign")]
+           ("mask/miou", "mask IoU"), ("track/auc", "track AUC"), ("assign/accuracy", "task assign")]
 NO_INPUT = "no-input"  # the table's reference row: option (A), the whole frame as box and mask, the whole clip
 
 

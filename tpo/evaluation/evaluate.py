@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .metrics import box_iou, mask_iou, qa_correct, span_iou
+from .metrics import box_iou, mask_iou, qa_correct, span_iou, success_auc
 
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
 _BOX = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUMBER] * 4) + r"\s*\]")
@@ -49,7 +49,10 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
 
     Returns ``qa/accuracy``; ``box/acc@0.5`` and ``box/miou`` (the first
     annotated box of a grounding sample); ``temporal/R@{0.3,0.5,0.7}`` and
-    ``temporal/mIoU``; ``mask/miou`` (mean over annotated frames); the
+    ``temporal/mIoU``; ``mask/miou`` (mean over annotated frames);
+    ``track/auc`` (the OTB success AUC of a tracking sample's first track, over
+    the sampled frames it is visible on; a TPO model is given its first box as
+    the box prompt; text answers are not read for tracks); the
     counts of each kind, and ``*/unanswered``: samples whose answer held no
     box, span or mask (scored as IoU 0). For a TPO model, task assignment:
     ``assign/accuracy`` (the answer ran exactly the heads trained on its
@@ -77,7 +80,9 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
         media = {"image" if item["media_type"] == "image" else "video": item["media"]}
         if is_tpo:
             size = tuple(item["media"].shape[-2:])
+            track = _scored_track(item)
             result = model.predict(_question(item), max_new_tokens=max_new_tokens,
+                                   input_box=None if track is None else track["init_box"].tolist(),
                                    head_inputs={"output_size": size}, **media)
             return result["text"], result["tasks"]
         return model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
@@ -90,7 +95,17 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
     return _score(dataset, answer, limit, predictions, expected)
 
 
-_TASK_ANNOTATION = {"grounding": "boxes", "temporal_grounding": "spans", "segmentation": "masks"}
+_TASK_ANNOTATION = {"grounding": "boxes", "temporal_grounding": "spans", "segmentation": "masks",
+                    "tracking": "tracks"}
+SCORED_TASKS = ("qa", *_TASK_ANNOTATION)
+
+
+def _scored_track(item: dict) -> dict | None:
+    """The track a tracking sample is scored on (its first), when it is visible on a sampled frame."""
+    if (item.get("meta") or {}).get("task") != "tracking" or not item.get("tracks"):
+        return None
+    track = item["tracks"][0]
+    return track if bool(torch.as_tensor(track["valid"]).any()) else None
 
 
 def _scored_reference(conversations: list[dict], task: str | None) -> str | None:
@@ -144,7 +159,7 @@ def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None,
     """The metrics of :func:`evaluate` for answers that look at nothing: option
     (A) for every question (right on the multiple-choice ones whose answer is
     A, wrong on the open ones), the whole frame as the box and as the mask,
-    the whole clip as the span. A model's number means something where it
+    the whole clip as the span, the first box on every frame as the track. A model's number means something where it
     beats this one (on short clips, the whole clip already overlaps most spans)."""
 
     def answer(item: dict) -> tuple[str, dict]:
@@ -152,6 +167,9 @@ def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None,
                  "temporal": {"spans": torch.tensor([[0.0, 1.0]])}}
         if item.get("masks") is not None:
             heads["mask"] = {"masks": torch.ones_like(item["masks"], dtype=torch.bool)[None]}
+        track = _scored_track(item)
+        if track is not None:  # a tracker that never moves: the first box on every frame
+            heads["track"] = {"boxes": track["init_box"].expand(len(track["valid"]), 4)[None]}
         return "A", heads
 
     return _score(dataset, answer, limit, predictions)
@@ -183,14 +201,14 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
     task assignment too."""
     if predictions is not None and Path(predictions).suffix != ".jsonl":  # before any answer is computed
         raise ValueError(f"predictions: a .jsonl path, got {str(predictions)!r}")
-    qa, boxes, spans, masks = [], [], [], []
-    unanswered = {"box": 0, "temporal": 0, "mask": 0}
+    qa, boxes, spans, masks, tracks = [], [], [], [], []
+    unanswered = {"box": 0, "temporal": 0, "mask": 0, "track": 0}
     records: list[dict] = []
     for n, item in enumerate(dataset):
         if limit is not None and n >= limit:
             break
         task = (item.get("meta") or {}).get("task")
-        if task not in ("qa", "grounding", "temporal_grounding", "segmentation"):
+        if task not in SCORED_TASKS:
             continue
         text, heads = answer(item)
         meta = item["meta"]
@@ -231,6 +249,20 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
                 masks.append(float(np.mean([mask_iou(pred[min(t, pred.shape[0] - 1)].numpy(), target[t].numpy())
                                             for t in frames])))
             record.update(source="head" if "mask" in heads else None, score=masks[-1])  # masks: only the IoU
+        elif task == "tracking" and _scored_track(item) is not None:
+            track = _scored_track(item)
+            gt = track["boxes"].double().numpy().copy()
+            gt[~torch.as_tensor(track["valid"]).bool().numpy()] = np.nan  # frames the object is absent from
+            pred = heads["track"]["boxes"][0].double().cpu().numpy() if "track" in heads else None
+            record.update(source="head" if "track" in heads else None, init=_values(track["init_box"]))
+            if pred is None or pred.shape != gt.shape:  # text answers are not read for tracks
+                unanswered["track"] += 1
+                tracks.append(0.0)
+            else:
+                tracks.append(success_auc(pred, gt))
+                visible = ~np.isnan(gt).any(axis=1)
+                record.update(mean_iou=round(float(box_iou(pred[visible], gt[visible]).mean()), 4))
+            record.update(score=tracks[-1])
         else:
             continue  # an item of a scored task without an annotation to score against
         if expected_heads is not None:
@@ -243,13 +275,15 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
         "box/miou": float(boxes_arr.mean()) if boxes else None,
         "temporal/mIoU": float(spans_arr.mean()) if spans else None,
         "mask/miou": float(np.mean(masks)) if masks else None,
+        "track/auc": float(np.mean(tracks)) if tracks else None,
         "count/qa": len(qa), "count/box": len(boxes), "count/temporal": len(spans), "count/mask": len(masks),
+        "count/track": len(tracks),
         # task assignment (TPO models): the answer ran exactly the heads its task needs (none for a question)
         "assign/accuracy": (float(np.mean([r["assigned"] for r in records])) if expected_heads is not None
                             and records else None),
     }
     if expected_heads is not None:
-        for task in ("qa", *_TASK_ANNOTATION):
+        for task in SCORED_TASKS:
             mine = [r["assigned"] for r in records if r["task"] == task]
             report[f"assign/{task}"] = float(np.mean(mine)) if mine else None
     for t in (0.3, 0.5, 0.7):
