@@ -85,3 +85,48 @@ def test_eval_scores_a_model_on_a_dataset(tmp_path, capsys):
     assert "cannot hold the reference answer" in capsys.readouterr().err
     assert main(["eval", CONFIG, "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_chat_with_a_tpo_model_prints_its_task_heads(tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch
+
+    from tpo.models.tpo_model import TPOModel
+
+    tpo = str(ROOT / "configs" / "tpo" / "timm_mlp_llama.py")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    video = str(tmp_path / "v.npy")
+    # a real (random) TPO model: its answer and whatever heads it ran
+    assert main(["chat", tpo, "--video", video, "--prompt", "Where is it?", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"prompt", "answer", "tasks"} and isinstance(out["tasks"], dict)
+    # the printing of every kind of head result, and the box prompt handed to predict
+    seen = {}
+
+    def predict(self, prompt, image=None, video=None, input_box=None, head_inputs=None, **kwargs):
+        seen.update(input_box=input_box, size=head_inputs["output_size"], kwargs=kwargs, frames=video.shape)
+        return {"text": "here", "tasks": {
+            "region": {"boxes": torch.tensor([[0.1, 0.2, 0.3, 0.4]])},
+            "mask": {"masks": torch.zeros(1, 4, 32, 32, dtype=torch.bool).index_fill_(2, torch.tensor([0]), True)}}}
+
+    monkeypatch.setattr(TPOModel, "predict", predict)
+    saved = tmp_path / "heads.npz"
+    assert main(["chat", tpo, "--video", video, "--prompt", "Track it.", "--input-box", "0.1,0.2,0.5,0.6",
+                 "--save-tasks", str(saved)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "here" and lines[1] == "[region] boxes: [[0.1, 0.2, 0.3, 0.4]]"
+    assert lines[2] == "[mask] masks: {'shape': [1, 4, 32, 32], 'foreground': 0.0312}"
+    assert seen["input_box"] == [0.1, 0.2, 0.5, 0.6] and seen["size"] == (32, 32) and seen["frames"][-3:] == (3, 32, 32)
+    assert seen["kwargs"] == {"max_new_tokens": 32, "do_sample": False}  # greedy: no sampling settings
+    with np.load(saved) as arrays:
+        assert arrays["region/boxes"].tolist() == [[np.float32(0.1), np.float32(0.2), np.float32(0.3),
+                                                   np.float32(0.4)]] and arrays["mask/masks"].shape == (1, 4, 32, 32)
+    # refused: a box that is not one, a box for a model without heads, a file that is not .npz
+    assert main(["chat", tpo, "--video", video, "--prompt", "x", "--input-box", "0.5,0.5,0.1,0.9"]) == 2
+    assert "--input-box: x1,y1,x2,y2" in capsys.readouterr().err
+    assert main(["chat", CONFIG, "--video", video, "--prompt", "x", "--input-box", "0,0,1,1"]) == 2
+    assert "builds a MultimodalLLM" in capsys.readouterr().err
+    assert main(["chat", tpo, "--video", video, "--prompt", "x", "--save-tasks", str(tmp_path / "h.npy")]) == 2
+    assert "--save-tasks: a .npz path" in capsys.readouterr().err

@@ -82,26 +82,79 @@ def cmd_chat(args) -> int:
     if (args.image is None) == (args.video is None):
         print("give exactly one of --image PATH or --video PATH", file=sys.stderr)
         return 2
+    if args.save_tasks is not None and not args.save_tasks.endswith(".npz"):
+        raise ValueError(f"--save-tasks: a .npz path, got {args.save_tasks!r}")
+    input_box = None
+    if args.input_box is not None:
+        try:
+            input_box = [float(v) for v in args.input_box.split(",")]
+        except ValueError:
+            input_box = []
+        if len(input_box) != 4 or not all(0.0 <= v <= 1.0 for v in input_box) or input_box[2] < input_box[0] \
+                or input_box[3] < input_box[1]:
+            raise ValueError(f"--input-box: x1,y1,x2,y2 normalised to [0, 1] with x1 <= x2 and y1 <= y2, "
+                             f"got {args.input_box!r}")
     image = load_image(args.image) if args.image else None
     torch.manual_seed(args.seed)
     model = build_model(args.config, cfg_options=args.cfg_options)
+    if not hasattr(model, "predict") and (input_box is not None or args.save_tasks):
+        raise ValueError(f"--input-box and --save-tasks need a model with task heads (a TPOModel); "
+                         f"{args.config} builds a {type(model).__name__}")
     video = load_video(args.video, model.processor.num_frames) if args.video else None
     if args.checkpoint:
         from tpo.models.utils import load_model_weights
 
         load_model_weights(model, args.checkpoint)
     model.eval()
-    answer = model.chat(
-        args.prompt,
-        image=image,
-        video=video,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=max(args.temperature, 1e-5),
-        top_p=args.top_p,
-    )
-    print(json.dumps({"prompt": args.prompt, "answer": answer}, ensure_ascii=False) if args.json else answer)
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
+    if args.temperature > 0:  # greedy decoding takes no sampling settings
+        sampling.update(temperature=args.temperature, top_p=args.top_p)
+    if not hasattr(model, "predict"):
+        answer = model.chat(args.prompt, image=image, video=video, **sampling)
+        print(json.dumps({"prompt": args.prompt, "answer": answer}, ensure_ascii=False) if args.json else answer)
+        return 0
+    # a TPO model: the task heads its answer runs give their results too
+    size = tuple((image if image is not None else video).shape[-2:])
+    result = model.predict(args.prompt, image=image, video=video, input_box=input_box,
+                           head_inputs={"output_size": size}, **sampling)
+    tasks = {name: _task_summary(out) for name, out in result["tasks"].items()}
+    if args.save_tasks:
+        import numpy as np
+
+        arrays = {f"{name}/{key}": value.detach().cpu().numpy() for name, out in result["tasks"].items()
+                  for key, value in out.items() if hasattr(value, "detach")}
+        np.savez_compressed(args.save_tasks, **arrays)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "answer": result["text"], "tasks": tasks}, ensure_ascii=False))
+    else:
+        print(result["text"])
+        for name, out in tasks.items():
+            print(f"[{name}] " + ", ".join(f"{key}: {value}" for key, value in out.items()))
     return 0
+
+
+def _rounded(value):
+    return [_rounded(v) for v in value] if isinstance(value, list) else round(float(value), 4)
+
+
+def _task_summary(out) -> dict:
+    """A task head's result for printing: small tensors as rounded lists, masks as their shape and
+    foreground share (the arrays themselves go to --save-tasks)."""
+    import torch
+
+    summary = {}
+    for key, value in out.items():
+        if not hasattr(value, "detach"):
+            summary[key] = value
+            continue
+        value = value.detach().cpu()
+        if value.dtype == torch.bool:
+            summary[key] = {"shape": list(value.shape), "foreground": round(float(value.float().mean()), 4)}
+        elif value.numel() <= 64:
+            summary[key] = _rounded(value.tolist())
+        else:
+            summary[key] = {"shape": list(value.shape)}
+    return summary
 
 
 def cmd_eval(args) -> int:
@@ -168,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and sampling")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("--input-box", help="a TPO model's box prompt (tracking): x1,y1,x2,y2 normalised to [0, 1]")
+    p.add_argument("--save-tasks", help="a TPO model: write its task heads' outputs (boxes, spans, masks) to this .npz")
     p.set_defaults(func=cmd_chat)
 
     p = with_config(sub.add_parser("eval", help="score a model on a dataset: QA, boxes, spans, masks, task assignment"))
