@@ -127,6 +127,20 @@ def test_the_no_input_reference_scores_what_its_answers_are_worth(dataset):
     assert report["temporal/R@0.5"] == pytest.approx(np.mean(np.array(lengths) >= 0.5))
     assert report["mask/miou"] == pytest.approx(np.mean(shares), rel=1e-5)
     assert report["box/unanswered"] == report["temporal/unanswered"] == report["mask/unanswered"] == 0
+    # the rest is counted by task, not dropped silently
+    tasks = [(item.get("meta") or {}).get("task") for item in dataset]
+    scored = sum(report[f"count/{k}"] for k in ("qa", "box", "temporal", "mask", "track"))
+    assert report["count/unscored"] == len(tasks) - scored > 0
+    assert report["unscored/caption"] == tasks.count("caption") > 0
+    assert report["unscored/preference"] == tasks.count("preference") > 0
+
+
+def test_unscored_samples_are_not_answered(dataset):
+    from tpo.evaluation.evaluate import _score
+
+    asked = []
+    report = _score(dataset, lambda item: asked.append(item["meta"]["task"]) or ("A", {}), None)
+    assert set(asked) <= set(SCORED_TASKS) and len(asked) == len(dataset) - report["count/unscored"]
 
 
 def test_tracks_are_scored_by_success_auc_over_visible_frames(dataset):

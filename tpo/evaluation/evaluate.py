@@ -53,7 +53,9 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
     ``track/auc`` (the OTB success AUC of a tracking sample's first track, over
     the sampled frames it is visible on; a TPO model is given its first box as
     the box prompt; text answers are not read for tracks); the
-    counts of each kind, and ``*/unanswered``: samples whose answer held no
+    counts of each kind (``count/unscored`` and ``unscored/<task>``: the
+    samples not scored, not answered either: captions, preference pairs, task
+    samples without their annotation), and ``*/unanswered``: samples whose answer held no
     box, span or mask (scored as IoU 0). For a TPO model, task assignment:
     ``assign/accuracy`` (the answer ran exactly the heads trained on its
     task's annotation, and none for a question) and ``assign/<task>`` per
@@ -98,6 +100,19 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
 _TASK_ANNOTATION = {"grounding": "boxes", "temporal_grounding": "spans", "segmentation": "masks",
                     "tracking": "tracks"}
 SCORED_TASKS = ("qa", *_TASK_ANNOTATION)
+
+
+def _scorable(item: dict, task: str | None) -> bool:
+    """Whether a sample is scored: a question, or a task sample with the annotation it is scored on."""
+    if task == "qa":
+        return True
+    if task == "grounding":
+        return len(item["boxes"]) > 0
+    if task == "temporal_grounding":
+        return len(item["spans"]) > 0
+    if task == "segmentation":
+        return item.get("masks") is not None
+    return task == "tracking" and _scored_track(item) is not None
 
 
 def _scored_track(item: dict) -> dict | None:
@@ -204,11 +219,13 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
     qa, boxes, spans, masks, tracks = [], [], [], [], []
     unanswered = {"box": 0, "temporal": 0, "mask": 0, "track": 0}
     records: list[dict] = []
+    unscored: dict[str, int] = {}
     for n, item in enumerate(dataset):
         if limit is not None and n >= limit:
             break
         task = (item.get("meta") or {}).get("task")
-        if task not in SCORED_TASKS:
+        if not _scorable(item, task):  # counted, not answered
+            unscored[str(task)] = unscored.get(str(task), 0) + 1
             continue
         text, heads = answer(item)
         meta = item["meta"]
@@ -217,7 +234,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
         if task == "qa":
             qa.append(qa_correct(text, meta["answer"], meta.get("answer_type", "open"), meta.get("options")))
             record.update(answer=meta["answer"], score=float(qa[-1]))
-        elif task == "grounding" and len(item["boxes"]):
+        elif task == "grounding":
             pred = heads["region"]["boxes"][0].cpu().numpy() if "region" in heads else parse_box(text)
             record.update(source="head" if "region" in heads else "text", target=_values(item["boxes"][0]))
             if pred is None or not np.all(np.isfinite(pred)) or pred[2] < pred[0] or pred[3] < pred[1]:
@@ -226,7 +243,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
             else:
                 boxes.append(float(box_iou(pred[None], item["boxes"][:1].numpy())[0]))
             record.update(pred=_values(pred), score=boxes[-1])
-        elif task == "temporal_grounding" and len(item["spans"]):
+        elif task == "temporal_grounding":
             pred = heads["temporal"]["spans"][0].cpu().numpy() if "temporal" in heads else parse_span(text)
             record.update(source="head" if "temporal" in heads else "text", target=_values(item["spans"][0]))
             if pred is None or not np.all(np.isfinite(pred)) or pred[1] < pred[0]:
@@ -235,7 +252,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
             else:
                 spans.append(float(span_iou(pred[None], item["spans"][:1].numpy())[0]))
             record.update(pred=_values(pred), score=spans[-1])
-        elif task == "segmentation" and item.get("masks") is not None:
+        elif task == "segmentation":
             target = item["masks"].bool()
             target = target[None] if target.dim() == 2 else target
             if "mask" not in heads:
@@ -249,7 +266,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
                 masks.append(float(np.mean([mask_iou(pred[min(t, pred.shape[0] - 1)].numpy(), target[t].numpy())
                                             for t in frames])))
             record.update(source="head" if "mask" in heads else None, score=masks[-1])  # masks: only the IoU
-        elif task == "tracking" and _scored_track(item) is not None:
+        else:  # tracking
             track = _scored_track(item)
             gt = track["boxes"].double().numpy().copy()
             gt[~torch.as_tensor(track["valid"]).bool().numpy()] = np.nan  # frames the object is absent from
@@ -263,8 +280,6 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
                 visible = ~np.isnan(gt).any(axis=1)
                 record.update(mean_iou=round(float(box_iou(pred[visible], gt[visible]).mean()), 4))
             record.update(score=tracks[-1])
-        else:
-            continue  # an item of a scored task without an annotation to score against
         if expected_heads is not None:
             record["assigned"] = record["heads"] == expected_heads[task]
         records.append(record)
@@ -289,6 +304,9 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
     for t in (0.3, 0.5, 0.7):
         report[f"temporal/R@{t}"] = float((spans_arr >= t).mean()) if spans else None
     report.update({f"{k}/unanswered": v for k, v in unanswered.items()})
+    # the samples not scored (captions, preference pairs, task samples without their annotation), by task
+    report["count/unscored"] = sum(unscored.values())
+    report.update({f"unscored/{task}": count for task, count in sorted(unscored.items())})
     if predictions is not None:
         _write_jsonl(predictions, records)
     return report
