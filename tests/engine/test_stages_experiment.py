@@ -127,3 +127,25 @@ def test_the_scaled_experiment_gives_each_run_900_steps(monkeypatch, tmp_path):
     runs = {name: _run_config(run, cfg["data_root"], tmp_path) for name, run in cfg["runs"].items()}
     assert {name: _steps(run_cfg) for name, (run_cfg, _) in runs.items()} == {"sft": 900, "tpo": 900}
     assert cfg["synth"]["num"] == 300 and cfg["threads"] == 1
+
+
+def test_tpo_train_runs_a_staged_recipe(synth_dir, tmp_path, capsys):
+    from tpo.engine.main import train_main
+
+    config = tmp_path / "recipe.py"
+    options = _short(synth_dir)
+    config.write_text(
+        f"_base_ = [{str(RECIPE)!r}]\n"
+        f"data = dict(train=dict(ann_file={options['data.train.ann_file']!r}))\n"
+        "train = dict(batch_size=4)\n"
+        f"stages = {options['stages']!r}\n"
+    )
+    assert train_main([str(config), "--work-dir", str(tmp_path / "run")]) == 0
+    brief = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in brief["stages"]] == ["assign", "heads"] and [s["steps"] for s in brief["stages"]] == [2, 2]
+    assert brief["final_checkpoint"] == brief["stages"][1]["final_checkpoint"]
+    assert json.loads((tmp_path / "run" / "2_heads" / "config.json").read_text())["load_from"] == (
+        brief["stages"][0]["final_checkpoint"])
+    with pytest.raises(SystemExit):  # a checkpoint path means nothing across stages
+        train_main([str(config), "--work-dir", str(tmp_path / "run"), "--resume", "some/checkpoint"])
+    assert "give --resume without a path" in capsys.readouterr().err

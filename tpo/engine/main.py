@@ -1,7 +1,10 @@
 """``tpo train CONFIG [--cfg-options k=v ...] [--resume [CHECKPOINT]] [--work-dir DIR]``.
 
-Single process: ``tpo train configs/sft/timm_mlp_llama.py``. Several processes
-(DDP, FSDP, DeepSpeed, as accelerate's config says):
+Single process: ``tpo train configs/sft/timm_mlp_llama.py``. A config with
+``stages=[...]`` (TPO's recipe, ``configs/tpo/recipes/``) trains its stages in
+order, each in ``<work_dir>/<i>_<name>`` from the previous one's weights
+(:mod:`tpo.engine.stages`). Several processes (DDP, FSDP, DeepSpeed, as
+accelerate's config says):
 ``accelerate launch [--config_file ...] -m tpo.engine.main CONFIG`` or
 ``torchrun --nproc_per_node N -m tpo.engine.main CONFIG``.
 """
@@ -33,7 +36,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     """The ``tpo train`` command: returns 0 when training finished."""
     from .trainer import Trainer
 
-    args = build_parser().parse_args(argv)
+    from tpo.registry import load_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "stages" in load_config(args.config, args.cfg_options):
+        return _train_stages(parser, args)
     trainer = Trainer(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, resume=args.resume)
     report = trainer.fit()
     if report:
@@ -41,6 +49,21 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         brief["train_loss"] = report.get("train", {}).get("loss", {}).get("last")
         brief["val"] = {k: v.get("last") for k, v in report.get("val", {}).items()}
         print(json.dumps(brief, indent=2, default=str))
+    return 0
+
+
+def _train_stages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """A staged recipe: every stage checked, then trained in order (finished ones skipped)."""
+    from .stages import run_stages
+
+    if args.resume not in (False, True):
+        parser.error(f"--resume {args.resume}: a staged recipe resumes its unfinished stage from that stage's "
+                     "latest checkpoint; give --resume without a path")
+    summary = run_stages(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, resume=bool(args.resume))
+    brief = {"stages": [{k: stage.get(k) for k in ("name", "work_dir", "steps", "wall_time_s", "final_checkpoint")}
+                        for stage in summary["stages"]],
+             "final_checkpoint": summary["final_checkpoint"]}
+    print(json.dumps(brief, indent=2, default=str))
     return 0
 
 

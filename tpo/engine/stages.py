@@ -102,6 +102,11 @@ def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: s
         previous = report["final_checkpoint"]
         reports.append({"name": name, "work_dir": str(stage_dir), **report})
     summary = {"stages": reports, "final_checkpoint": previous}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "stages.json").write_text(json.dumps(summary, indent=2, default=str))
+    from accelerate import PartialState
+
+    from .checkpoint import write_json
+
+    if PartialState().is_main_process:  # one writer when several processes run the recipe
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(root / "stages.json", summary)
     return summary
