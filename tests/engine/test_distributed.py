@@ -70,3 +70,42 @@ def test_two_processes_match_one(tmp_path):
     b = load_file(tmp_path / "two" / "checkpoints" / "step_00000004" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies rounding of tiny grads
+
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tpo" / "recipes" / "tiny_cpu.py"
+
+
+def test_a_staged_tpo_recipe_trains_on_two_processes(tmp_path):
+    """TPO under DDP: a stage whose losses leave heads out, and batches without some task, give those heads no
+    gradient (find_unused_parameters is on for models with task heads); every process chains the stages."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to the Python interpreter")
+    from tpo.data.synth import synthesize
+
+    synthesize(tmp_path / "synth", 6, seed=2, frames=4, size=32)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        f"_base_ = [{str(RECIPE)!r}]\n"
+        f"data = dict(train=dict(ann_file={str(tmp_path / 'synth' / 'train.jsonl')!r}))\n"
+        "train = dict(batch_size=4)\n"
+        "stages = [\n"
+        "    dict(name='assign', algorithm=dict(type='TPO', losses=['^lm$', '^assign$']),\n"
+        "         data=dict(train=dict(tasks=['grounding', 'segmentation'])), train=dict(max_steps=2)),\n"
+        "    dict(name='heads', algorithm=dict(type='TPO', losses=[r'^(region|mask)\\.'], trainable=[r'^heads\\.']),\n"
+        "         data=dict(train=dict(tasks=['grounding', 'segmentation'])), train=dict(max_steps=2)),\n"
+        "]\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "tpo.engine.main", str(recipe), "--work-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:]
+    summary = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["assign", "heads"]
+    for stage in summary["stages"]:
+        report = json.loads((Path(stage["work_dir"]) / "report.json").read_text())
+        assert report["num_processes"] == 2 and report["steps"] == 2
+    config = json.loads((tmp_path / "run" / "2_heads" / "config.json").read_text())
+    assert config["load_from"] == summary["stages"][0]["final_checkpoint"]
+    assert out.stdout.count('"final_checkpoint"') == 3  # the brief is printed once: two stages and the last

@@ -12,7 +12,9 @@ Top-level keys of a training config::
                       collator=dict(max_length=...), num_workers=0)
     train      = dict(batch_size=..., micro_batch_size=None, max_steps=None | max_epochs=None, seed=0,
                       grad_clip=1.0, mixed_precision=None, log_interval=1, progress_bar=True,
-                      tensorboard=True, find_unused_parameters=False, cpu=False)
+                      tensorboard=True, find_unused_parameters=None, cpu=False)
+                     # find_unused_parameters (DDP): None = on for models with task heads (a step whose
+                     # batch lacks a task, or whose losses leave a head out, gives that head no gradient)
     optim      = dict(type="AdamW", lr=..., weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                       no_decay=["bias", "norm"], param_groups=dict(projector=dict(lr=...), ...), fused=None)
     schedule   = dict(type="cosine" | "linear" | "constant", warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=0.0)
@@ -125,7 +127,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable[[Any], str | None]]]] = {
         "log_interval": (1, _positive_int),
         "progress_bar": (True, _bool),
         "tensorboard": (True, _bool),
-        "find_unused_parameters": (False, _bool),
+        "find_unused_parameters": (None, _optional(_bool)),
         "cpu": (False, _bool),
     },
     "optim": {

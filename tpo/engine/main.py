@@ -63,7 +63,10 @@ def _train_stages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     brief = {"stages": [{k: stage.get(k) for k in ("name", "work_dir", "steps", "wall_time_s", "final_checkpoint")}
                         for stage in summary["stages"]],
              "final_checkpoint": summary["final_checkpoint"]}
-    print(json.dumps(brief, indent=2, default=str))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, however many processes train
+        print(json.dumps(brief, indent=2, default=str))
     return 0
 
 

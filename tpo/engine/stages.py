@@ -97,6 +97,8 @@ def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: s
             has_ckpt = (stage_dir / "checkpoints").is_dir() and any((stage_dir / "checkpoints").iterdir())
             stage_cfg = {k: v for k, v in stage_cfg.items() if not k.startswith("_")}
             report = Trainer(stage_cfg, resume=bool(resume and has_ckpt)).fit()
+            if not report and report_file.is_file():  # another process than the main one: the main one wrote it
+                report = json.loads(report_file.read_text())
         if not report.get("final_checkpoint"):
             raise RuntimeError(f"stage {name!r} finished without a final checkpoint; set checkpoint.save_final=True")
         previous = report["final_checkpoint"]

@@ -179,6 +179,25 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ build
+    def _find_unused_parameters(self) -> bool:
+        """``train.find_unused_parameters``, or when None, whether the model has task heads: a TPO step
+        whose batch lacks a task (or whose stage leaves a head's losses out) gives that head no gradient,
+        which DDP refuses unless it looks for unused parameters."""
+        given = self.cfg["train"]["find_unused_parameters"]
+        if given is not None:
+            return given
+        from tpo.models.tpo_model import TPOModel
+
+        if self.model is not None:
+            return isinstance(self.model, TPOModel)
+        model_type = (self.cfg.get("model") or {}).get("type")
+        if isinstance(model_type, str):
+            from tpo.registry import MODELS
+
+            MODELS.import_from_location()
+            model_type = MODELS.get(model_type)
+        return isinstance(model_type, type) and issubclass(model_type, TPOModel)
+
     def _accelerator(self):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
@@ -189,7 +208,7 @@ class Trainer:
         no_device = not has_device
         kwargs = dict(cpu=train["cpu"] or no_device,
                       kwargs_handlers=[DistributedDataParallelKwargs(
-                          find_unused_parameters=train["find_unused_parameters"])])
+                          find_unused_parameters=self._find_unused_parameters())])
         if train["mixed_precision"] is not None:
             kwargs["mixed_precision"] = train["mixed_precision"]
         if _env_flag("ACCELERATE_USE_DEEPSPEED") and no_device and not train["cpu"] and "LOCAL_RANK" in os.environ:
