@@ -149,3 +149,20 @@ def test_tpo_train_runs_a_staged_recipe(synth_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a checkpoint path means nothing across stages
         train_main([str(config), "--work-dir", str(tmp_path / "run"), "--resume", "some/checkpoint"])
     assert "give --resume without a path" in capsys.readouterr().err
+
+
+def test_tpo_train_reports_config_errors_in_one_line(synth_dir, tmp_path, capsys):
+    from tpo.engine.main import train_main
+
+    config = tmp_path / "recipe.py"
+    options = _short(synth_dir)
+    options["stages"][1]["optim"] = dict(lrr=1.0)
+    config.write_text(f"_base_ = [{str(RECIPE)!r}]\n"
+                      f"data = dict(train=dict(ann_file={options['data.train.ann_file']!r}))\n"
+                      f"stages = {options['stages']!r}\n")
+    assert train_main([str(config), "--work-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpo train: error: stage 'heads': optim.lrr") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    assert train_main([str(ROOT / "configs" / "sft" / "tiny_cpu.py"), "--cfg-options", "train.max_stepz=3"]) == 2
+    assert "train.max_stepz: unknown key; did you mean 'max_steps'?" in capsys.readouterr().err

@@ -38,11 +38,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     from tpo.registry import load_config
 
+    from .stages import check_stages
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if "stages" in load_config(args.config, args.cfg_options):
+    try:  # the config checked whole before anything is built: its errors are one line, not a traceback
+        staged = "stages" in load_config(args.config, args.cfg_options)
+        if staged:
+            check_stages(args.config, args.cfg_options, args.work_dir)
+        else:
+            trainer = Trainer(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, resume=args.resume)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    if staged:
         return _train_stages(parser, args)
-    trainer = Trainer(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, resume=args.resume)
     report = trainer.fit()
     if report:
         brief = {k: report.get(k) for k in ("work_dir", "steps", "wall_time_s", "final_checkpoint")}

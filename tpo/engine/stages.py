@@ -67,14 +67,12 @@ def stage_configs(cfg: Mapping[str, Any], work_dir: str | os.PathLike) -> list[t
     return out
 
 
-def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None,
-               resume: bool = False) -> dict[str, Any]:
-    """Run every stage of ``config`` in order; returns ``{"stages": [report,
-    ...], "final_checkpoint": ...}`` (also ``<work_dir>/stages.json``).
-
-    Every stage's config is checked before the first one trains."""
+def check_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None
+                 ) -> tuple[dict[str, Any], Path, list[tuple[str, Path, dict[str, Any]]]]:
+    """Check every stage's config (nothing is built or trained); returns the
+    recipe's config, its work dir and the plan ``[(name, stage dir, config)]``.
+    Errors name the stage."""
     from .config import validate
-    from .trainer import Trainer
 
     source = str(config) if isinstance(config, (str, os.PathLike)) else None
     cfg = training_keys(load_config(config, cfg_options).to_dict(), source)
@@ -84,8 +82,20 @@ def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: s
     for name, stage_dir, stage_cfg in plan:  # every config error before any training
         try:
             validate(load_config(dict(stage_cfg, work_dir=str(stage_dir))), source=source)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
             raise type(err)(f"stage {name!r}: {err.args[0] if err.args else err}") from None
+    return cfg, root, plan
+
+
+def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Run every stage of ``config`` in order; returns ``{"stages": [report,
+    ...], "final_checkpoint": ...}`` (also ``<work_dir>/stages.json``).
+
+    Every stage's config is checked before the first one trains."""
+    from .trainer import Trainer
+
+    cfg, root, plan = check_stages(config, cfg_options, work_dir)
     previous = cfg.get("load_from")
     reports = []
     for name, stage_dir, stage_cfg in plan:
