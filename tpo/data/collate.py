@@ -718,22 +718,17 @@ class ConversationCollator(_ChatCollator):
         out, at = [], 0
         for seg in segments:
             if seg.answer:
+                where = 0 if self.task_token_position == "start" else seg.tail_start  # of the first begin token
                 found = [at + j for j, t in enumerate(seg.ids[: seg.label_end]) if t in begins]
-                if found:
-                    first = found[0] - at
-                    expected = 0 if self.task_token_position == "start" else seg.tail_start
-                    if first != expected:
-                        raise ValueError(
-                            f"{_where(sid, 'conversations')}: the answer's first task token is its token {first}, "
-                            f"where task_token_position={self.task_token_position!r} puts it at {expected}; the chat "
-                            "template adds text around the answer's content, which the task-assignment decision "
-                            "cannot be placed by (use a template whose generation prompt ends where the answer starts)"
-                        )
-                    out += found
-                else:
-                    j = 0 if self.task_token_position == "start" else seg.tail_start
-                    if j < seg.label_end:
-                        out.append(at + j)
+                if found and found[0] - at != where:
+                    raise ValueError(
+                        f"{_where(sid, 'conversations')}: the answer's first task token is its token "
+                        f"{found[0] - at}, where task_token_position={self.task_token_position!r} puts it at "
+                        f"{where}; the chat template adds text around the answer's content, which the "
+                        "task-assignment decision cannot be placed by (use a template whose generation prompt ends "
+                        "where the answer starts)"
+                    )
+                out += found or ([at + where] if where < seg.label_end else [])
             at += len(seg.ids)
         return out
 

@@ -34,11 +34,10 @@ def build_parser(prog: str = "tpo train") -> argparse.ArgumentParser:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """The ``tpo train`` command: returns 0 when training finished."""
-    from .trainer import Trainer
-
     from tpo.registry import load_config
 
     from .stages import check_stages
+    from .trainer import Trainer
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,6 +64,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def _train_stages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """A staged recipe: every stage checked, then trained in order (finished ones skipped)."""
+    from accelerate import PartialState
+
     from .stages import run_stages
 
     if args.resume not in (False, True):
@@ -74,8 +75,6 @@ def _train_stages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     brief = {"stages": [{k: stage.get(k) for k in ("name", "work_dir", "steps", "wall_time_s", "final_checkpoint")}
                         for stage in summary["stages"]],
              "final_checkpoint": summary["final_checkpoint"]}
-    from accelerate import PartialState
-
     if PartialState().is_main_process:  # once, however many processes train
         print(json.dumps(brief, indent=2, default=str))
     return 0

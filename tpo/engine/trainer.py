@@ -186,17 +186,14 @@ class Trainer:
         given = self.cfg["train"]["find_unused_parameters"]
         if given is not None:
             return given
+        from tpo.algorithms.base import registered_class
         from tpo.models.tpo_model import TPOModel
+        from tpo.registry import MODELS
 
         if self.model is not None:
             return isinstance(self.model, TPOModel)
-        model_type = (self.cfg.get("model") or {}).get("type")
-        if isinstance(model_type, str):
-            from tpo.registry import MODELS
-
-            MODELS.import_from_location()
-            model_type = MODELS.get(model_type)
-        return isinstance(model_type, type) and issubclass(model_type, TPOModel)
+        model_cls = registered_class(MODELS, self.cfg["model"], "model", None)
+        return isinstance(model_cls, type) and issubclass(model_cls, TPOModel)
 
     def _accelerator(self):
         from accelerate import Accelerator
