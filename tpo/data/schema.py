@@ -737,15 +737,26 @@ def load_samples(path: str | os.PathLike, check_media: bool = True) -> list[Samp
 
 
 def write_jsonl(records: Iterable[dict | Sample], path: str | os.PathLike) -> int:
-    """Write samples (dicts or :class:`Sample`) as JSONL; a Sample's paths
-    are written relative to the file's folder. Returns the number written."""
+    """Write samples (dicts or :class:`Sample`) as JSONL, atomically (a
+    temporary file beside it, fsync, rename, fsync the folder: a reader never
+    sees half a file); a Sample's paths are written relative to the file's
+    folder. Returns the number written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
     n = 0
-    with open(path, "w", encoding="utf-8") as handle:
+    with open(tmp, "w", encoding="utf-8") as handle:
         for rec in records:
             obj = rec.to_dict(relative_to=folder) if isinstance(rec, Sample) else rec
             handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
             n += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return n

@@ -8,7 +8,6 @@ SFT-only baseline and a TPO model are scored on the same samples.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -194,19 +193,6 @@ def _values(x) -> list | None:
     return None if x is None else [round(float(v), 4) for v in np.asarray(x).reshape(-1)]
 
 
-def _write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write ``records`` as JSON lines atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _score(dataset: Iterable[dict], answer, limit: int | None,
            predictions: str | os.PathLike | None = None,
            expected_heads: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -308,5 +294,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
     report["count/unscored"] = sum(unscored.values())
     report.update({f"unscored/{task}": count for task, count in sorted(unscored.items())})
     if predictions is not None:
-        _write_jsonl(predictions, records)
+        from tpo.data.schema import write_jsonl
+
+        write_jsonl(records, predictions)
     return report

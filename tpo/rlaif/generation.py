@@ -58,6 +58,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from tpo.data.schema import write_jsonl
 from tpo.registry import JUDGES, build_from_cfg, config_key, load_config
 
 from .collate import PromptCollator, question_text, reference_of
@@ -185,17 +186,6 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
     return rows, broken
 
 
-def _rewrite(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -240,9 +230,9 @@ class PreferenceStore:
                 path.touch()
                 _fsync_dir(path.parent)
         if broken_j:
-            _rewrite(self.judgments_path, judgments)
+            write_jsonl(judgments, self.judgments_path)
         if broken_p or len(kept) != len(prefs):
-            _rewrite(self.out, kept)
+            write_jsonl(kept, self.out)
         self.recovered = {"dropped_preference_lines": len(prefs) - len(kept) + broken_p,
                           "dropped_judgment_lines": broken_j}
         return done
