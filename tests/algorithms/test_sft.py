@@ -46,3 +46,13 @@ def test_items_are_answer_tokens(model):
 def test_bad_argument_names_the_key(model):
     with pytest.raises(ValueError, match="algorithm.logprob"):
         build_algorithm({"type": "SFT", "logprob": "chunked"}, default_args={"model": model})
+
+
+def test_answers_that_ran_out_of_tokens_are_marked(model, monkeypatch):
+    algo = SFT(model, max_new_tokens=4)
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    finished, cut = [5, 6, eos, pad], [5, 6, 7, 8]
+    monkeypatch.setattr(model, "generate", lambda *a, **k: torch.tensor([finished, cut]))
+    samples = algo.predict_answers(qa_items(2))
+    assert [s["truncated"] for s in samples] == [False, True]
+    assert SFT(model).max_new_tokens == 32  # the default holds the synthetic benchmark's longest answer (17)

@@ -80,6 +80,9 @@ def test_qa_metric_groups():
                    "qa/accuracy/color": 0.5, "qa/accuracy/count": 1.0, "qa/accuracy/direction": 0.0}
     with pytest.raises(KeyError, match="'prediction'"):
         run(dict(type="QAAccuracy"), [dict(answer="A"), dict(answer="B")])
+    cut = run(dict(type="QAAccuracy"), [dict(prediction="the red", answer="the red circle", truncated=True),
+                                         dict(prediction="A", answer="A", truncated=False)])
+    assert cut["qa/truncated"] == 0.5 and cut["qa/accuracy"] == 0.5
 
 
 # ---------------------------------------------------------------- boxes and spans

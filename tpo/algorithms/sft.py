@@ -24,7 +24,8 @@ class SFT(Algorithm):
         model: the MLLM (its ``forward(batch)`` returns ``loss`` and named ``losses``).
         logprob: ``"fused"`` (the model's loss: the fused linear log-prob kernel,
             no ``[tokens, vocab]`` logits) or ``"eager"`` (logits, ``F.cross_entropy``).
-        max_new_tokens: answer length when evaluation generates (QA metrics).
+        max_new_tokens: answer length when evaluation generates (QA metrics;
+            ``qa/truncated`` reports the share of answers that ran out of it).
 
     Metrics: ``loss``, ``losses/<name>`` for each named loss of the model
     (``losses/lm``, and a task model's ``losses/region.l1``, ...), ``num_tokens``.
@@ -32,7 +33,7 @@ class SFT(Algorithm):
 
     collator = "ConversationCollator"
 
-    def __init__(self, model: nn.Module, logprob: str = "fused", max_new_tokens: int = 16):
+    def __init__(self, model: nn.Module, logprob: str = "fused", max_new_tokens: int = 32):
         super().__init__(model)
         if logprob not in LOGPROB_MODES:
             raise ValueError(f"{current_config_key('logprob')}: use one of {LOGPROB_MODES}, got {logprob!r}")
@@ -90,11 +91,14 @@ class SFT(Algorithm):
                              media=[None if m is None else m.to(device) for m in media],
                              max_new_tokens=self.max_new_tokens)
         samples = []
+        eos = model.tokenizer.eos_token_id
         for it, tokens in zip(qa, new):
             meta = it["meta"]
             samples.append({
                 "id": it.get("id"),
                 "prediction": model.tokenizer.decode(tokens, skip_special_tokens=True),
+                # the budget ran out before the end-of-sequence token: the answer may be cut short
+                "truncated": len(tokens) >= self.max_new_tokens and eos not in tokens.tolist(),
                 "answer": meta.get("answer", meta.get("answer_text", "")),
                 "answer_type": meta.get("answer_type", "open"),
                 "options": meta.get("options"),

@@ -47,7 +47,7 @@ class TPO(SFT):
         model: nn.Module,
         losses: Sequence[str] | None = None,
         trainable: Sequence[str] | None = None,
-        max_new_tokens: int = 16,
+        max_new_tokens: int = 32,
     ):
         super().__init__(model, logprob="fused", max_new_tokens=max_new_tokens)
         if not hasattr(model, "task_specs"):

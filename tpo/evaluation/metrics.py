@@ -288,8 +288,10 @@ def _as_numpy(x) -> Any:
 class QAAccuracy(BaseMetric):
     """QA accuracy. Each data sample: ``prediction``, ``answer``,
     ``answer_type`` (``mc``/``open``, default ``open``), optional ``options``
-    and ``question_type``. Reports ``accuracy``, ``accuracy/mc``,
-    ``accuracy/open`` and ``accuracy/<question_type>``."""
+    and ``question_type``, and ``truncated`` (the answer ran out of its token
+    budget). Reports ``accuracy``, ``accuracy/mc``, ``accuracy/open``,
+    ``accuracy/<question_type>`` and, when samples say, ``truncated`` (their
+    share cut short: a high one means the budget, not the model, lost points)."""
 
     default_prefix = "qa"
 
@@ -298,14 +300,17 @@ class QAAccuracy(BaseMetric):
             kind = s.get("answer_type", "open")
             ok = qa_correct(_get(s, "prediction", "QAAccuracy"), _get(s, "answer", "QAAccuracy"), kind,
                             s.get("options"))
-            self.results.append((ok, kind, s.get("question_type")))
+            self.results.append((ok, kind, s.get("question_type"), s.get("truncated")))
 
     def compute_metrics(self, results: list) -> dict:
         if not results:
             raise ValueError("QAAccuracy: no results to compute (process() was never given samples)")
         out = {"accuracy": float(np.mean([r[0] for r in results]))}
+        cut = [r[3] for r in results if r[3] is not None]
+        if cut:
+            out["truncated"] = float(np.mean(cut))
         groups: dict[str, list[bool]] = defaultdict(list)
-        for ok, kind, qtype in results:
+        for ok, kind, qtype, _ in results:
             groups[kind].append(ok)
             if qtype is not None:
                 groups[str(qtype)].append(ok)
