@@ -7,5 +7,5 @@ _base_ = [
     "../_base_/schedules/tiny_cpu.py",
 ]
 work_dir = "work_dirs/sft_siglip_pool_mistral"
-algorithm = dict(type="SFT", logprob="fused", max_new_tokens=16)
+algorithm = dict(type="SFT", logprob="fused", max_new_tokens=32)
 evaluation = dict(interval=100, metrics=[dict(type="QAAccuracy")], batch_size=8, max_batches=None, at_end=True)

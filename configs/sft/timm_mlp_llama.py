@@ -10,5 +10,5 @@ _base_ = [
 # model sees every frame (the composition samples 4).
 model = dict(num_frames=8)
 work_dir = "work_dirs/sft_timm_mlp_llama"
-algorithm = dict(type="SFT", logprob="fused", max_new_tokens=16)
+algorithm = dict(type="SFT", logprob="fused", max_new_tokens=32)
 evaluation = dict(interval=100, metrics=[dict(type="QAAccuracy")], batch_size=8, max_batches=None, at_end=True)
