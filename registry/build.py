@@ -92,20 +92,18 @@ def _section(cfg, section: str, cfg_options: Mapping[str, Any] | None) -> dict:
     def relative(opts: Mapping[str, Any]) -> dict:
         return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in opts.items()}
 
-    if isinstance(cfg, Mapping) and not isinstance(cfg, Config) and "type" in cfg:
-        return load_config(cfg, relative(options)).to_dict()
     config = load_config(cfg)
-    if "type" in config:
+    if "type" in config:  # a component (a dict or a Config with a type): options relative to it
         config.merge_from_dict(relative(options))
         return config.to_dict()
     where = f"config file {str(cfg)!r}" if isinstance(cfg, (str, os.PathLike)) else "the config"
     if section not in config:
         raise KeyError(f"{where} has no {section!r} key and no 'type' key; add `{section} = dict(type=...)`")
+    component = config[section]
     for key in options:
         if key == section or key.startswith(prefix):
             continue
         head = key.split(".")[0]
-        component = config[section]
         if head not in config or (isinstance(component, Mapping) and head in component):
             hint = f"did you mean {prefix + key!r}?"
         else:

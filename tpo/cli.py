@@ -162,9 +162,9 @@ def cmd_eval(args) -> int:
 
     from tpo.data.datasets import SampleDataset
     from tpo.evaluation import evaluate
+    from tpo.evaluation.evaluate import check_predictions_path
 
-    if args.predictions is not None and Path(args.predictions).suffix != ".jsonl":
-        raise ValueError(f"--predictions: a .jsonl path, got {args.predictions!r}")
+    check_predictions_path(args.predictions, "--predictions")  # before the model is built
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: a positive number of samples, got {args.limit}")
     if args.checkpoint is not None and not Path(args.checkpoint).exists():

@@ -67,8 +67,7 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
     """
     from tpo.models.tpo_model import TPOModel
 
-    if predictions is not None and Path(predictions).suffix != ".jsonl":
-        raise ValueError(f"predictions: a .jsonl path, got {str(predictions)!r}")
+    check_predictions_path(predictions)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and hasattr(dataset, "samples"):  # a SampleDataset: checked before any answer
         check_answer_budget(tokenizer, dataset, max_new_tokens, limit)
@@ -189,6 +188,12 @@ def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None,
     return _score(dataset, answer, limit, predictions)
 
 
+def check_predictions_path(path: str | os.PathLike | None, name: str = "predictions") -> None:
+    """A ValueError unless ``path`` (the ``name`` option) is None or ends in ``.jsonl``."""
+    if path is not None and Path(path).suffix != ".jsonl":
+        raise ValueError(f"{name}: a .jsonl path, got {str(path)!r}")
+
+
 def _values(x) -> list | None:
     return None if x is None else [round(float(v), 4) for v in np.asarray(x).reshape(-1)]
 
@@ -200,8 +205,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
     with ``predictions``, write what was scored to that ``.jsonl`` file; with
     ``expected_heads`` (task -> the heads its question should run), score
     task assignment too."""
-    if predictions is not None and Path(predictions).suffix != ".jsonl":  # before any answer is computed
-        raise ValueError(f"predictions: a .jsonl path, got {str(predictions)!r}")
+    check_predictions_path(predictions)  # before any answer is computed
     qa, boxes, spans, masks, tracks = [], [], [], [], []
     unanswered = {"box": 0, "temporal": 0, "mask": 0, "track": 0}
     records: list[dict] = []
