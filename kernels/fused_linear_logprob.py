@@ -530,7 +530,7 @@ def _triton_config(hidden: torch.Tensor) -> dict:
     """Tile sizes. Under the interpreter: the smallest tiles tl.dot accepts
     (fast to interpret). On GPUs: tiles that keep a [BLOCK_N, BLOCK_V] fp32
     accumulator in registers."""
-    if not hidden.is_cuda:
+    if _gpu_sms(hidden.device) is None:
         return dict(fwd=dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16), bwd=dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16),
                     fwd_launch={}, bwd_launch={})
     wide = hidden.dtype == torch.float32
@@ -539,10 +539,18 @@ def _triton_config(hidden: torch.Tensor) -> dict:
     return dict(fwd=fwd, bwd=bwd, fwd_launch=dict(num_warps=8, num_stages=3), bwd_launch=dict(num_warps=8, num_stages=3))
 
 
+def _gpu_sms(device: torch.device) -> int | None:
+    """Streaming multiprocessors of the CUDA device the kernels run on; None when they are
+    interpreted (CPU tensors). Tiles and split counts follow it (``tpo.kernels.compile_check``
+    sets it to compile the GPU launches on a machine without one)."""
+    if device.type != "cuda" or _interpreting():
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _device_programs(hidden: torch.Tensor) -> int:
-    if hidden.is_cuda:
-        return 2 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    return 4  # the interpreter: a few splits, so that the split-V merge is exercised
+    sms = _gpu_sms(hidden.device)
+    return 4 if sms is None else 2 * sms  # the interpreter: a few splits, so that the split-V merge is exercised
 
 
 def _triton_forward(hidden, weight, bias, labels, inv_temp):

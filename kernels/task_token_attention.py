@@ -404,7 +404,8 @@ def _config(kind: str, n_rows: int, head_dim: int, dtype: torch.dtype) -> _Confi
     """Tiles for ``kind`` (``"fwd"`` or ``"bwd"``) with ``n_rows = G * K`` query rows per kv head.
 
     Chosen from sm_90 compiles of the kernels (registers / spills / shared memory per
-    setting, contiguous inputs): no spills and at least two programs per SM at D = 128."""
+    setting, contiguous inputs); ``python -m tpo.kernels.compile_check`` compiles every
+    launch for sm_80, sm_89 and sm_90 and fails on spills or shared memory over the limit."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if _interpreting():
         return _Config(16, 16, block_d, 4, 1, 32)  # merge tiles differ from split tiles on purpose
@@ -427,13 +428,22 @@ def _split_plan(n_ctx: int, block_n: int, programs_per_split: int, device, num_s
     return triton.cdiv(n_blocks, blocks_per_chunk), blocks_per_chunk * block_n
 
 
+def _gpu_sms(device: torch.device) -> int | None:
+    """Streaming multiprocessors of the CUDA device the kernels run on; None when they are
+    interpreted. Split counts follow it (``tpo.kernels.compile_check`` sets it to compile the
+    GPU launches on a machine without one)."""
+    if device.type != "cuda" or _interpreting():
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(n_ctx: int, block_n: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
     """(number of chunks, keys per chunk): enough programs to fill the GPU about twice over."""
     n_blocks = max(1, triton.cdiv(n_ctx, block_n))
-    if _interpreting() or device.type != "cuda":
+    sms = _gpu_sms(device)
+    if sms is None:
         wanted = triton.cdiv(n_blocks, 2)  # two key blocks per chunk: exercises the merge on small shapes
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
         wanted = triton.cdiv(2 * sms, max(1, programs_per_split))
     wanted = max(1, min(wanted, n_blocks))
     blocks_per_chunk = triton.cdiv(n_blocks, wanted)
