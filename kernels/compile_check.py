@@ -75,6 +75,7 @@ class KernelBuild:
     spill_bytes: int  # local memory per thread (register spills)
     shared_bytes: int  # dynamic + static shared memory per program
     programs_per_sm: int  # resident at once, as registers, shared memory and threads allow
+    tensor_cores: str = "-"  # the matrix instructions in its PTX: "wgmma" (sm_90), "mma", or "-" (none)
 
     @property
     def threads(self) -> int:
@@ -156,6 +157,14 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
     return regs, local, shared
 
 
+def _matrix_instructions(ptx: str) -> str:
+    if re.search(r"\bwgmma\.mma_async", ptx):
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "-"
+
+
 def _programs_per_sm(arch: Arch, registers: int, shared: int, threads: int) -> int:
     per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
     by_regs = arch.registers_per_sm // max(1, per_warp * threads // 32)
@@ -183,6 +192,7 @@ def _recording(arch: int, builds: list[KernelBuild], case: list[str], seen: dict
             kernel=fn.__name__, case=case[0], arch=arch, signature=" ".join(dtypes + [consts]).strip(),
             num_warps=warps, num_stages=stages, registers=regs, spill_bytes=local, shared_bytes=shared,
             programs_per_sm=_programs_per_sm(spec, regs, shared, 32 * warps),
+            tensor_cores=_matrix_instructions(compiled.asm.get("ptx", "")),
         ))
         seen[fn.__name__] = seen.get(fn.__name__, 0) + 1
 
@@ -324,10 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, ValueError, KeyError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(f"{'arch':>5} {'kernel':<22} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>7} {'per SM':>6}  case")
+    print(f"{'arch':>5} {'kernel':<22} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>7} {'per SM':>6} "
+          f"{'MMA':>5}  case")
     for b in builds:
         print(f"{b.arch:>5} {b.kernel:<22} {b.num_warps:>5} {b.num_stages:>6} {b.registers:>4} {b.spill_bytes:>5} "
-              f"{b.shared_bytes:>7} {b.programs_per_sm:>6}  {b.case}")
+              f"{b.shared_bytes:>7} {b.programs_per_sm:>6} {b.tensor_cores:>5}  {b.case}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             fields = [f.name for f in dataclasses.fields(KernelBuild)]

@@ -55,6 +55,14 @@ def test_every_launch_compiles_for_sm90_without_spills(tmp_path):
     for r in rows:
         assert int(r["spill_bytes"]) == 0 and int(r["programs_per_sm"]) >= 1, r
         assert int(r["shared_bytes"]) <= 232448, r
+    # bf16 / fp16 matmuls on tensor cores: the log-prob kernels (compute-bound) with Hopper's wgmma,
+    # the attention's split kernels with wgmma or, for few query rows, mma; fp32 stays IEEE (no TF32)
+    for r in rows:
+        low = "float32" not in r["case"]
+        if r["kernel"].startswith("_logprob"):
+            assert r["tensor_cores"] == ("wgmma" if low else "-"), r
+        elif "split" in r["kernel"]:
+            assert (r["tensor_cores"] in ("wgmma", "mma")) if low else r["tensor_cores"] == "-", r
     # the GPU launch settings, not the interpreter's small tiles
     logprob = [r for r in rows if r["kernel"] == "_logprob_fwd_kernel"]
     assert all(r["num_warps"] == "8" and "BLOCK_N=64 BLOCK_V=128" in r["signature"] for r in logprob), logprob
