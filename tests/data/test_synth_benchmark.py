@@ -133,6 +133,20 @@ def test_tracks_follow_the_shape_from_its_first_box(bench, pixels):
     assert checked > 0
 
 
+def test_tracks_follow_a_moving_shape_where_the_video_has_one(bench, pixels):
+    """A static shape is tracked by keeping its first box; a moving one tells a tracker from that."""
+    with_movers = 0
+    for s in all_samples(bench):
+        if s["meta"]["task"] != "tracking":
+            continue
+        px = pixels(s["media"])
+        movers = {c for c in px.colors if px.moving_frames(c)}
+        if movers:
+            with_movers += 1
+            assert color_of(s["tracks"][0]["object"]) in movers, (s["id"], movers)
+    assert with_movers >= 5
+
+
 def test_masks_decode_to_the_visible_pixels(bench, pixels):
     checked = 0
     for s in all_samples(bench):

@@ -12,7 +12,7 @@ front of each other. From the scene's own state come
 * a referring box per frame (the tight box of the shape's visible pixels);
 * the temporal span of each event ("when does the red triangle enter?");
 * masks: COCO RLE of the shape's visible pixels, per frame;
-* tracks: per-frame boxes of one shape from the box where it first appears;
+* tracks: per-frame boxes of one shape (one that moves, where the video has one) from the box where it first appears;
 * a detailed, correct description, sentence by sentence (a judge's context),
   and preference pairs (the correct answer chosen over a wrong option): one
   per scene, or with ``preference_pairs="all"`` one per question. The wrong
@@ -76,6 +76,9 @@ SPLITS = ("train", "val", "test")
 TASKS = ("qa", "grounding", "temporal_grounding", "segmentation", "tracking", "caption", "preference")
 LETTERS = "ABCDEFGH"
 PREFERENCE_PAIRS = ("one", "all")
+# Bumped whenever a seed's files change (summary.json records it, so that a benchmark written by an
+# earlier version is told apart): 2 = tracks follow a moving shape where the video has one.
+VERSION = 2
 MIN_VISIBLE_FRACTION = 0.4
 MIN_VISIBLE_PIXELS = 6
 
@@ -660,9 +663,11 @@ def scene_samples(scene: Scene, media_path: str, split: str, seed: int, preferen
         add("segmentation", f"Segment the {name}.", f"Here is the mask of the {name}.", {"object": name},
             masks=encode_mask(scene.visible(k, 0)))
 
-    # tracking from the first box
+    # tracking from the first box: a shape that moves when there is one (a static one is tracked by
+    # keeping its first box, which tells trackers apart from doing nothing on no sample)
     if scene.is_video:
-        k = int(rng.integers(len(shapes)))
+        pool = [m for m, s in enumerate(shapes) if s.moves] or list(range(len(shapes)))
+        k = pool[int(rng.integers(len(pool)))]
         s = shapes[k]
         init = mask_box(scene.visible(k, s.first))
         track = {
@@ -793,8 +798,9 @@ def synthesize(
     seconds = time.perf_counter() - start
     n_samples = sum(counts["splits"].values())
     summary = {
-        "seed": seed, "frames": frames, "size": size, "image_fraction": image_fraction, "objects": list(objects),
-        "num_scenes": num, "num_samples": n_samples, "preference_pairs": preference_pairs,
+        "version": VERSION, "seed": seed, "frames": frames, "size": size, "image_fraction": image_fraction,
+        "objects": list(objects), "num_scenes": num, "split_fractions": [float(f) for f in splits],
+        "num_samples": n_samples, "preference_pairs": preference_pairs,
         "media": dict(sorted(media.items())),
         "splits": {s: {"scenes": counts["scenes"][s], "samples": counts["splits"][s]} for s in SPLITS},
         "tasks": {t: counts["tasks"][t] for t in TASKS},
