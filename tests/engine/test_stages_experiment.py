@@ -99,6 +99,22 @@ def test_experiment_end_to_end(tmp_path):
         assert len(lines) == counted > 0, name
         qa = [line["score"] for line in lines if line["task"] == "qa"]
         assert np.mean(qa) == pytest.approx(res["qa/accuracy"]), name
+    # a rerun reuses what finished; one with another benchmark or a changed run config is refused
+    again = run_experiment(config, work_dir=str(tmp_path / "run"))
+    assert again["results"]["sft"]["final_checkpoint"] == summary["results"]["sft"]["final_checkpoint"]
+    assert again["table"] == summary["table"]
+    with pytest.raises(ValueError, match=r"another benchmark \(seed: 1 before, 2 now\).*another --work-dir"):
+        run_experiment(config, cfg_options={"synth.seed": 2}, work_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"runs.sft: its config changed .*optim.lr: .* before, 0.5 now"):
+        run_experiment(config, cfg_options={"runs.sft.cfg_options": {"train.max_steps": 3, "optim.lr": 0.5}},
+                       work_dir=str(tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "experiment.json").read_text())
+    assert record["benchmark"]["version"] >= 2 and record["benchmark"]["seed"] == 1
+    (tmp_path / "run" / "experiment.json").unlink()  # as an earlier tpo left it
+    with pytest.raises(ValueError, match="without experiment.json"):
+        run_experiment(config, work_dir=str(tmp_path / "run"))
+    with pytest.raises(KeyError, match="synth.seeds: unknown key"):
+        run_experiment(config, cfg_options={"synth.seeds": 2}, work_dir=str(tmp_path / "typo_synth"))
     bad = tmp_path / "bad.py"
     bad.write_text(config.read_text().replace("'train.max_steps': 3", "'train.max_steps': 4"))
     with pytest.raises(ValueError, match="same budget"):

@@ -16,7 +16,10 @@ evaluation (``evaluation=dict(split="test", limit=..., max_new_tokens=...)``); o
 ``threads``, torch's intra-op threads for the whole experiment (tiny models run
 fastest on one: on a machine busy with other jobs, several threads spin
 against each other and take many times longer). Finished parts are not run
-again: the experiment resumes where it stopped.
+again: the experiment resumes where it stopped. ``<work_dir>/experiment.json``
+records the benchmark's settings (with the generator's version) and each run's
+resolved config; a rerun whose benchmark or a started run's config differs is
+refused, naming what changed, rather than mixing old results into the table.
 """
 from __future__ import annotations
 
@@ -77,6 +80,75 @@ def _steps(cfg: Mapping[str, Any]) -> int:
     if "stages" in cfg:
         return sum(merge(cfg, s).get("train", {}).get("max_steps") or 0 for s in cfg["stages"])
     return cfg.get("train", {}).get("max_steps") or 0
+
+
+RECORD_FILE = "experiment.json"  # in the work dir: the benchmark and each run's config, as trained
+
+
+def _benchmark_params(synth_cfg: Mapping[str, Any]) -> dict:
+    """What ``synthesize(**synth_cfg)`` records about its benchmark in ``summary.json`` (the
+    generator's version and every setting that changes its files, defaults filled in)."""
+    import inspect
+
+    from tpo.data import synth
+
+    params = inspect.signature(synth.synthesize).parameters
+    unknown = sorted(set(synth_cfg) - set(params) - {"out_dir"})
+    if unknown or "out_dir" in synth_cfg:
+        key = unknown[0] if unknown else "out_dir"
+        raise KeyError(f"synth.{key}: {'unknown key' if unknown else 'set by the experiment (<work_dir>/synth)'}; "
+                       f"synth takes {', '.join(p for p in params if p != 'out_dir')}")
+    if "num" not in synth_cfg:
+        raise KeyError("synth.num: the number of scenes is required (synth=dict(num=100, seed=0, ...))")
+    given = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    given.update(synth_cfg)
+    return _as_json({
+        "version": synth.VERSION, "seed": given["seed"], "frames": given["frames"], "size": given["size"],
+        "image_fraction": given["image_fraction"], "objects": list(given["objects"]), "num_scenes": given["num"],
+        "split_fractions": [float(f) for f in given["splits"]], "preference_pairs": given["preference_pairs"],
+    })
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _differences(before: Any, now: Any, key: str = "") -> list[str]:
+    """``key: <before> before, <now> now`` for each leaf that differs."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(before) | set(now), key=str):
+            out += _differences(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if before == now else [f"{key or 'value'}: {before!r} before, {now!r} now"]
+
+
+def _check_work_dir(root: Path, benchmark: dict, runs: Mapping[str, dict]) -> dict:
+    """Refuse to reuse a work dir whose benchmark or finished runs came from other settings
+    (the table would mix them silently); returns the record to write. A run is compared once it
+    has started training (its folder exists)."""
+    record_file = root / RECORD_FILE
+    fix = f"use another --work-dir, or delete {str(root)!r} to start over"
+    if not record_file.is_file():
+        left = [p for p in [root / "synth" / "summary.json", *(root / name for name in runs)] if p.exists()]
+        if left:
+            raise ValueError(f"work_dir {str(root)!r} holds an experiment without {RECORD_FILE} (written by an "
+                             f"earlier version of tpo: {str(left[0])!r}), whose settings cannot be checked; {fix}")
+        return {"benchmark": benchmark, "runs": dict(runs)}
+    record = json.loads(record_file.read_text())
+    diffs = _differences(record.get("benchmark"), benchmark)
+    if diffs:
+        raise ValueError(f"work_dir {str(root)!r} holds an experiment on another benchmark ({'; '.join(diffs[:4])}); "
+                         f"its finished runs would be scored on, and trained from, the wrong data: {fix}")
+    trained = dict(record.get("runs") or {})
+    for name, cfg in runs.items():
+        if name in trained and (root / name).exists():
+            diffs = _differences(trained[name], cfg)
+            if diffs:
+                raise ValueError(f"runs.{name}: its config changed since it trained in {str(root / name)!r} "
+                                 f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); {fix}")
+        trained[name] = cfg
+    return {"benchmark": benchmark, "runs": trained}
 
 
 def _check_budgets(runs: Mapping[str, tuple[dict, str]], split_file: Path, eval_cfg: Mapping[str, Any]) -> None:
@@ -142,7 +214,15 @@ def _run(config, cfg) -> dict:
     if unknown:
         raise KeyError(f"evaluation.{unknown[0]}: unknown key; it takes split, limit, max_new_tokens")
     split = eval_cfg.pop("split", "test")
+    benchmark = _benchmark_params(synth_cfg)
+    as_trained = {name: _as_json(reroot(run_cfg, str(synth_dir), "<work_dir>/synth"))
+                  for name, (run_cfg, _) in runs.items()}
+    record = _check_work_dir(root, benchmark, as_trained)
     started = time.time()
+    from .checkpoint import write_json
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / RECORD_FILE, record)
     if not (synth_dir / "summary.json").is_file():
         print(f"[experiment] writing the synthetic benchmark to {synth_dir}", flush=True)
         synthesize(synth_dir, **synth_cfg)
