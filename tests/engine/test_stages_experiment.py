@@ -76,7 +76,7 @@ def test_reroot_and_table():
     assert "| sft | 0.500 | n/a | n/a | n/a |" in table and "| tpo | 0.250 | n/a | n/a | 0.750 |" in table
 
 
-def test_experiment_end_to_end(tmp_path):
+def test_experiment_end_to_end(tmp_path, capsys):
     config = tmp_path / "exp.py"
     config.write_text(
         "data_root = 'work_dirs/synth'\n"
@@ -108,6 +108,12 @@ def test_experiment_end_to_end(tmp_path):
     with pytest.raises(ValueError, match=r"runs.sft: its config changed .*optim.lr: .* before, 0.5 now"):
         run_experiment(config, cfg_options={"runs.sft.cfg_options": {"train.max_steps": 3, "optim.lr": 0.5}},
                        work_dir=str(tmp_path / "run"))
+    from tpo.engine.experiment import experiment_main
+
+    assert experiment_main([str(config), "--work-dir", str(tmp_path / "run"), "--cfg-options", "synth.seed=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpo experiment: error: work_dir") and "seed: 1 before, 2 now" in err
+    assert len(err.strip().splitlines()) == 1  # one line, not a traceback
     record = json.loads((tmp_path / "run" / "experiment.json").read_text())
     assert record["benchmark"]["version"] >= 2 and record["benchmark"]["seed"] == 1
     (tmp_path / "run" / "experiment.json").unlink()  # as an earlier tpo left it

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -175,6 +176,18 @@ def _check_budgets(runs: Mapping[str, tuple[dict, str]], split_file: Path, eval_
 
 
 def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None) -> dict:
+    """Check the experiment's config and write its benchmark (:func:`prepare_experiment`), then
+    train and evaluate every run; returns the summary (also ``<work_dir>/results.json``)."""
+    return execute_experiment(prepare_experiment(config, cfg_options, work_dir))
+
+
+def prepare_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None) -> dict:
+    """Everything that can be wrong with the config, found before any training: the runs and
+    their budgets, the evaluation keys, the benchmark's settings, the work dir's earlier
+    settings and the answer budget against the written benchmark. Returns the plan that
+    :func:`execute_experiment` runs."""
+    from tpo.data.synth import synthesize
+
     cfg = load_config(config, cfg_options)
     if work_dir:
         cfg["work_dir"] = work_dir
@@ -182,21 +195,6 @@ def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_di
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads: torch's intra-op threads, a positive int (or None for torch's default), "
                          f"got {threads!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
-        return _run(config, cfg)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _run(config, cfg) -> dict:
-    from tpo.data.datasets import SampleDataset
-    from tpo.data.synth import synthesize
-    from tpo.evaluation import evaluate, evaluate_trivial
-    from tpo.models.utils import load_model_weights
-    from tpo.registry import build_model
-
     root = Path(cfg.get("work_dir") or Path("work_dirs") / Path(str(config)).stem)
     synth_cfg = dict(cfg.get("synth", {}))
     data_root = cfg.get("data_root", "work_dirs/synth")
@@ -227,9 +225,31 @@ def _run(config, cfg) -> dict:
         print(f"[experiment] writing the synthetic benchmark to {synth_dir}", flush=True)
         synthesize(synth_dir, **synth_cfg)
     _check_budgets(runs, synth_dir / f"{split}.jsonl", eval_cfg)  # before any training
+    return dict(root=root, synth_dir=synth_dir, runs=runs, steps=steps, split=split, eval_cfg=eval_cfg,
+                threads=threads, started=started)
+
+
+def execute_experiment(plan: Mapping[str, Any]) -> dict:
+    """Train (or reuse) and evaluate every run of a :func:`prepare_experiment` plan."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(plan["threads"] or before)
+    try:
+        return _execute(**plan)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(root: Path, synth_dir: Path, runs, steps, split: str, eval_cfg, threads, started: float) -> dict:
+    from tpo.data.datasets import SampleDataset
+    from tpo.evaluation import evaluate, evaluate_trivial
+    from tpo.models.utils import load_model_weights
+    from tpo.registry import build_model
+
     results: dict[str, Any] = {}
     for name, (run_cfg, path) in runs.items():
-        print(f"[experiment] training {name} ({path}, {steps[name]} steps)", flush=True)
+        finished = (root / name / "done.json").is_file()
+        print(f"[experiment] {'reusing' if finished else 'training'} {name} ({path}, {steps[name]} steps"
+              f"{', finished earlier in this work dir' if finished else ''})", flush=True)
         final = _train(name, run_cfg, root / name, resume=True)
         model = build_model(run_cfg["model"])
         load_model_weights(model, final)
@@ -295,7 +315,13 @@ def experiment_main(argv=None) -> int:
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE")
     parser.add_argument("--work-dir")
     args = parser.parse_args(argv)
-    summary = run_experiment(args.config, args.cfg_options, args.work_dir)
+    try:  # config errors are one line, found before any training
+        plan = prepare_experiment(args.config, args.cfg_options, args.work_dir)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    summary = execute_experiment(plan)
     print(summary["table"])
     print(f"wall time: {summary['wall_time_s']:.0f} s (writing the benchmark, training, evaluating)")
     print(f"results: {os.path.join(summary['work_dir'], 'results.json')}")
