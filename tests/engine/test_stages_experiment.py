@@ -171,6 +171,16 @@ def test_tpo_train_runs_a_staged_recipe(synth_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a checkpoint path means nothing across stages
         train_main([str(config), "--work-dir", str(tmp_path / "run"), "--resume", "some/checkpoint"])
     assert "give --resume without a path" in capsys.readouterr().err
+    # run again: the finished stages are reused, also with other logging; with another stage config, refused
+    mtime = (tmp_path / "run" / "2_heads" / "report.json").stat().st_mtime_ns
+    assert train_main([str(config), "--work-dir", str(tmp_path / "run"), "--cfg-options", "train.log_interval=7"]) == 0
+    assert json.loads(capsys.readouterr().out)["final_checkpoint"] == brief["final_checkpoint"]
+    assert (tmp_path / "run" / "2_heads" / "report.json").stat().st_mtime_ns == mtime
+    changed = config.read_text().replace("train = dict(batch_size=4)", "train = dict(batch_size=4)\noptim = dict(lr=0.5)")
+    config.write_text(changed)
+    assert train_main([str(config), "--work-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'assign': finished in" in err and "optim.lr:" in err and "0.5 now" in err, err
 
 
 def test_tpo_train_reports_config_errors_in_one_line(synth_dir, tmp_path, capsys):

@@ -169,6 +169,21 @@ TOP_LEVEL = ("work_dir", "load_from", "model", "algorithm", *SCHEMA)
 OPTIONAL_SECTIONS = ("optim", "schedule", "checkpoint", "evaluation")
 
 
+def differences(before: Any, now: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before, now)`` for every leaf where two configs (plain dicts) differ."""
+    if isinstance(before, Mapping) and isinstance(now, Mapping):
+        out = []
+        for k in sorted(set(before) | set(now), key=str):
+            out += differences(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if before == now else [(key or "value", before, now)]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], most: int = 4) -> str:
+    text = "; ".join(f"{k}: {b!r} before, {n!r} now" for k, b, n in diffs[:most])
+    return text + ("; ..." if len(diffs) > most else "")
+
+
 def _where(source: str | None) -> str:
     return f" [config {source}]" if source else ""
 

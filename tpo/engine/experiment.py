@@ -34,6 +34,8 @@ import torch
 
 from tpo.registry import load_config
 
+from .config import describe_differences, differences
+
 METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
            ("mask/miou", "mask IoU"), ("track/auc", "track AUC"), ("assign/accuracy", "task assign")]
 NO_INPUT = "no-input"  # the table's reference row: option (A), the whole frame as box and mask, the whole clip
@@ -114,16 +116,6 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def _differences(before: Any, now: Any, key: str = "") -> list[str]:
-    """``key: <before> before, <now> now`` for each leaf that differs."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        out = []
-        for k in sorted(set(before) | set(now), key=str):
-            out += _differences(before.get(k), now.get(k), f"{key}.{k}" if key else str(k))
-        return out
-    return [] if before == now else [f"{key or 'value'}: {before!r} before, {now!r} now"]
-
-
 def _check_work_dir(root: Path, benchmark: dict, runs: Mapping[str, dict]) -> dict:
     """Refuse to reuse a work dir whose benchmark or finished runs came from other settings
     (the table would mix them silently); returns the record to write. A run is compared once it
@@ -137,17 +129,17 @@ def _check_work_dir(root: Path, benchmark: dict, runs: Mapping[str, dict]) -> di
                              f"earlier version of tpo: {str(left[0])!r}), whose settings cannot be checked; {fix}")
         return {"benchmark": benchmark, "runs": dict(runs)}
     record = json.loads(record_file.read_text())
-    diffs = _differences(record.get("benchmark"), benchmark)
+    diffs = differences(record.get("benchmark"), benchmark)
     if diffs:
-        raise ValueError(f"work_dir {str(root)!r} holds an experiment on another benchmark ({'; '.join(diffs[:4])}); "
+        raise ValueError(f"work_dir {str(root)!r} holds an experiment on another benchmark ({describe_differences(diffs)}); "
                          f"its finished runs would be scored on, and trained from, the wrong data: {fix}")
     trained = dict(record.get("runs") or {})
     for name, cfg in runs.items():
         if name in trained and (root / name).exists():
-            diffs = _differences(trained[name], cfg)
+            diffs = differences(trained[name], cfg)
             if diffs:
                 raise ValueError(f"runs.{name}: its config changed since it trained in {str(root / name)!r} "
-                                 f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); {fix}")
+                                 f"({describe_differences(diffs)}); {fix}")
         trained[name] = cfg
     return {"benchmark": benchmark, "runs": trained}
 

@@ -7,7 +7,9 @@ anything else is replaced), so a stage names only what changes: its
 algorithm's ``losses`` and ``trainable`` parameters, its data mix, its
 learning rates, its number of steps. A finished stage (its ``report.json``
 written) is not run again; ``resume`` continues the unfinished one from its
-latest checkpoint, so an interrupted recipe resumes where it stopped.
+latest checkpoint, so an interrupted recipe resumes where it stopped. A
+finished stage whose config has changed since (in anything but where it logs,
+saves and evaluates) is refused before any training, naming what changed.
 """
 from __future__ import annotations
 
@@ -67,6 +69,28 @@ def stage_configs(cfg: Mapping[str, Any], work_dir: str | os.PathLike) -> list[t
     return out
 
 
+# What does not change the weights a stage trains: where it writes, how often it logs, saves and
+# evaluates, how it is launched. A finished stage whose config differs elsewhere is refused.
+_NOT_TRAINING = ("work_dir", "source", "checkpoint", "evaluation", "data.val", "data.num_workers", "train.cpu",
+                 "train.find_unused_parameters", "train.log_interval", "train.micro_batch_size",
+                 "train.progress_bar", "train.tensorboard")
+
+
+def _changed_since_finished(stage_dir: Path, cfg: Mapping[str, Any], first: bool) -> list[tuple[str, Any, Any]]:
+    """How ``cfg`` differs from the config a finished stage trained with (nothing for an
+    unfinished stage: resuming it with other settings is the user's call, as with --resume)."""
+    from .config import differences
+    from .trainer import CONFIG_FILE
+
+    stored = stage_dir / CONFIG_FILE
+    if not (stage_dir / REPORT_FILE).is_file() or not stored.is_file():
+        return []
+    now = json.loads(json.dumps(cfg, sort_keys=True, default=str))
+    ignored = _NOT_TRAINING if first else (*_NOT_TRAINING, "load_from")  # later stages: the previous stage's
+    return [d for d in differences(json.loads(stored.read_text()), now)
+            if not any(d[0] == k or d[0].startswith(k + ".") for k in ignored)]
+
+
 def check_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None
                  ) -> tuple[dict[str, Any], Path, list[tuple[str, Path, dict[str, Any]]]]:
     """Check every stage's config (nothing is built or trained); returns the
@@ -79,11 +103,20 @@ def check_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir:
     stem = Path(str(config)).stem if isinstance(config, (str, os.PathLike)) else "stages"
     root = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / stem)
     plan = stage_configs(cfg, root)
-    for name, stage_dir, stage_cfg in plan:  # every config error before any training
+    for i, (name, stage_dir, stage_cfg) in enumerate(plan):  # every config error before any training
         try:
-            validate(load_config(dict(stage_cfg, work_dir=str(stage_dir))), source=source)
+            checked = validate(load_config(dict(stage_cfg, work_dir=str(stage_dir))), source=source)
         except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
             raise type(err)(f"stage {name!r}: {err.args[0] if err.args else err}") from None
+        changed = _changed_since_finished(stage_dir, checked, first=i == 0)
+        if changed:
+            from .config import describe_differences
+
+            raise ValueError(
+                f"stage {name!r}: finished in {str(stage_dir)!r} with another config ({describe_differences(changed)}), "
+                f"so it would not train again and the stages after it would start from its old weights; delete "
+                f"{str(stage_dir)!r} and the stages after it to train them again, or use another --work-dir"
+            )
     return cfg, root, plan
 
 
