@@ -754,9 +754,14 @@ def write_jsonl(records: Iterable[dict | Sample], path: str | os.PathLike) -> in
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)
+    fsync_dir(folder)
+    return n
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so that a file created or renamed in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return n

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tpo.data.schema import fsync_dir
+
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 ALGORITHM_STATE_FILE = "algorithm_state.pt"
@@ -60,14 +62,6 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: str | os.PathLike) -> None:

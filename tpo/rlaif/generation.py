@@ -58,7 +58,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from tpo.data.schema import write_jsonl
+from tpo.data.schema import fsync_dir, write_jsonl
 from tpo.registry import JUDGES, build_from_cfg, config_key, load_config
 
 from .collate import PromptCollator, question_text, reference_of
@@ -186,14 +186,6 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
     return rows, broken
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class PreferenceStore:
     """The append-only outputs of a generation run and their recovery.
 
@@ -228,7 +220,7 @@ class PreferenceStore:
         for path in (self.out, self.judgments_path):
             if not path.exists():  # both exist from the start, empty until something is decided
                 path.touch()
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         if broken_j:
             write_jsonl(judgments, self.judgments_path)
         if broken_p or len(kept) != len(prefs):
@@ -247,7 +239,7 @@ class PreferenceStore:
             handle.flush()
             os.fsync(handle.fileno())
         if new:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def add(self, preference_lines: Sequence[dict], judgment: dict) -> None:
         self._append(self.out, preference_lines)
