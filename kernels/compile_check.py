@@ -256,10 +256,13 @@ def cases() -> dict[str, Callable[[], None]]:
     out: dict[str, Callable[[], None]] = {}
     for dtype in _DTYPES:
         t = str(dtype).removeprefix("torch.")
-        out[f"logprob {t} N=256 H=4096 V=1000"] = _logprob_case(256, 4096, 1000, dtype, False)
+        # sizes divisible by 16 as the GPU set's (N=8192, H=4096, V=128256): the same specialisation
+        out[f"logprob {t} N=256 H=4096 V=1008"] = _logprob_case(256, 4096, 1008, dtype, False)
         out[f"logprob {t} N=100 H=1030 V=999 bias"] = _logprob_case(100, 1030, 999, dtype, True)
         out[f"attention {t} K=1 Hq=Hkv=8 D=128 lengths self"] = _attention_case(2, 8, 8, 1, 1000, 128, dtype, True, True)
         out[f"attention {t} K=4 Hq=32 Hkv=8 D=128 lengths"] = _attention_case(2, 32, 8, 4, 1000, 128, dtype, True, False)
+        out[f"attention {t} K=8 Hq=32 Hkv=8 N=4096 D=128 lengths"] = _attention_case(2, 32, 8, 8, 4096, 128, dtype, True,
+                                                                                     False)
         out[f"attention {t} K=16 Hq=32 Hkv=8 D=128 self"] = _attention_case(1, 32, 8, 16, 777, 128, dtype, False, True)
         out[f"attention {t} K=3 Hq=Hkv=4 D=64"] = _attention_case(2, 4, 4, 3, 500, 64, dtype, False, False)
         out[f"attention {t} K=2 Hq=Hkv=2 D=80 lengths self"] = _attention_case(2, 2, 2, 2, 300, 80, dtype, True, True)
