@@ -151,6 +151,23 @@ def test_checkpoint_errors(model, tmp_path):
         load_model_weights(model, tmp_path)
 
 
+def test_a_checkpoint_of_another_model_is_named_not_a_state_dict_traceback(model, tmp_path):
+    """Weights of a model with another vocabulary (a TPO model's task tokens, say): the error names the
+    tensors and, where `tpo train` left its config, the model type the checkpoint was trained as."""
+    import json
+
+    from safetensors.torch import save_model
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {"type": "TPOModel"}}))
+    bigger = build_model(model_config_path(model), cfg_options={"model.tokenizer.vocab_size": 520}).eval()
+    save_model(bigger, str(step / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"in shape \(.*(embed_tokens|lm_head).weight: \[520, .*in the checkpoint, "
+                                         r"\[512, .*in the model.*trained as model.type='TPOModel'"):
+        load_model_weights(model, step)
+
+
 def test_bad_media_inputs(model):
     batch = _batch(model)
     with pytest.raises(ValueError, match="one \\(or None\\) each"):

@@ -71,7 +71,10 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Load ``model.safetensors`` from a checkpoint folder (or that file) into
-    ``model``; every key must match both ways."""
+    ``model``; every key must match both ways, every shape too. A mismatch is an
+    error naming the tensors and, for a checkpoint of ``tpo train``, the model its
+    run was configured with (``<work_dir>/config.json``)."""
+    from safetensors import safe_open
     from safetensors.torch import load_model
 
     path = Path(checkpoint)
@@ -82,9 +85,32 @@ def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
             f"checkpoint {str(checkpoint)!r} has no model.safetensors; give a checkpoint folder written by "
             "`tpo train` (work_dir/checkpoints/<step>) or a .safetensors file"
         )
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(path), framework="pt") as handle:
+        stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    wrong = [f"{n}: {list(stored[n])} in the checkpoint, {list(own[n])} in the model"
+             for n in sorted(set(own) & set(stored)) if own[n] != stored[n]]
+    if wrong:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit this model: {len(wrong)} tensor{'s differ' if len(wrong) > 1 else ' differs'} in shape "
+            f"({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}); {_trained_with(path, model)}"
+        )
     missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
         raise KeyError(
             f"checkpoint {str(path)!r} does not fit this model: missing {sorted(missing)[:8]}, "
-            f"unexpected {sorted(unexpected)[:8]}; was it written for the same config?"
+            f"unexpected {sorted(unexpected)[:8]}; {_trained_with(path, model)}"
         )
+
+
+def _trained_with(weights: Path, model: nn.Module) -> str:
+    """A hint: the model type the checkpoint's run was configured with, where ``tpo train`` left its config."""
+    import json
+
+    config = weights.parent.parent.parent / "config.json"  # <work_dir>/checkpoints/<step>/model.safetensors
+    try:
+        trained = json.loads(config.read_text())["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "was it written for the same config?"
+    return (f"it was trained as model.type={trained!r} (its run's config: {str(config)!r}), this model is a "
+            f"{type(model).__name__}; build the model from the config it was trained with")
