@@ -125,3 +125,12 @@ def test_several_processes_are_refused(synth, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="runs as one process.*WORLD_SIZE=2"):
         generate(GEN_CONFIG, cfg_options={"data.ann_file": str(synth / "val.jsonl")}, out=str(out), log=lambda m: None)
     assert not out.exists()
+
+
+def test_the_command_reports_config_errors_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    code = main(["generate", GEN_CONFIG, "--out", str(tmp_path / "p.jsonl"), "--cfg-options",
+                 f"data.ann_file={missing}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tpo rlaif generate: error: data.ann_file:") and str(missing) in err
+    assert len(err.splitlines()) == 1  # not a traceback

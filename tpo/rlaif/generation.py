@@ -385,8 +385,15 @@ def generate(config, cfg_options: Mapping[str, Any] | None = None, out: str | No
     ``stop_after`` processes at most that many new prompts and returns (a
     clean interruption: the run resumes from there).
     """
+    return _generate(prepare(config, cfg_options, out, log), stop_after)
+
+
+def prepare(config, cfg_options: Mapping[str, Any] | None = None, out: str | None = None, log=None) -> dict:
+    """Everything :func:`generate` needs before its first prompt: the config checked, the output
+    files opened (recovering an interrupted run), the policy, data, judge and context built.
+    Raises the config's errors (``KeyError``, ``TypeError``, ``ValueError``, ``FileNotFoundError``,
+    naming the key) before any answer is sampled."""
     from tpo.data import SampleDataset
-    from tpo.data.schema import validate_record
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
@@ -423,10 +430,21 @@ def generate(config, cfg_options: Mapping[str, Any] | None = None, out: str | No
     s = cfg["sampling"]
     total = len(dataset) if data["limit"] is None else min(len(dataset), int(data["limit"]))
     out_dir = store.out.parent.resolve()
-    started, new_prompts = time.time(), 0
     log(f"[rlaif generate] {total} prompts from {data['ann_file']} ({len(done)} already done) -> {store.out}; "
         f"{s['num_samples']} samples each, judge {judge_name}, context {context_name}")
+    return dict(cfg=cfg, log=log, store=store, done=done, policy=policy, dataset=dataset, collator=collator,
+                judge=judge, context=context, judge_name=judge_name, context_name=context_name, total=total,
+                out_dir=out_dir)
 
+
+def _generate(plan: Mapping[str, Any], stop_after: int | None) -> dict[str, Any]:
+    from tpo.data.schema import validate_record
+
+    cfg, log, store, done, total, out_dir = (plan[k] for k in ("cfg", "log", "store", "done", "total", "out_dir"))
+    policy, dataset, collator, judge, context = (plan[k] for k in ("policy", "dataset", "collator", "judge", "context"))
+    judge_name, context_name = plan["judge_name"], plan["context_name"]
+    s = cfg["sampling"]
+    started, new_prompts = time.time(), 0
     for index in range(total):
         if stop_after is not None and new_prompts >= stop_after:
             break
@@ -511,7 +529,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``tpo rlaif generate CONFIG [--cfg-options ...] [--out PATH]``."""
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        summary = generate(args.config, cfg_options=args.cfg_options, out=args.out)
+        try:  # the config's errors are one line, before any answer is sampled
+            plan = prepare(args.config, cfg_options=args.cfg_options, out=args.out)
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"tpo rlaif generate: error: {message}", file=sys.stderr)
+            return 2
+        summary = _generate(plan, None)
         print(json.dumps(summary, indent=2))
         return 0 if summary["complete"] else 1
     return 2  # pragma: no cover - argparse rejects other commands
