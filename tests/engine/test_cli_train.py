@@ -54,3 +54,25 @@ def test_command_line_errors_name_the_key(tmp_path, synth, capsys):
                        f"data.val.ann_file={tmp_path / 'missing.jsonl'}"]) == 2
     assert "data.val.ann_file" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()  # refused before anything ran
+
+
+def test_errors_of_building_what_the_config_names_are_one_line(tmp_path, synth, capsys):
+    """Past the config check, the model's own constructor (transformers' config rules) and the weights of
+    load_from can still refuse: one line naming the key, not a traceback; the error keeps its type for callers."""
+    config = str(ROOT / "configs" / "sft" / "timm_mlp_llama.py")
+    assert train_main([config, "--work-dir", str(tmp_path / "a"), "--cfg-options", *_options(synth, 1),
+                       "model.llm.config.hidden_size=30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tpo train: error: model.llm.config: not a valid 'llama' config") and "(30)" in err
+    assert len(err.splitlines()) == 1
+    assert train_main([config, "--work-dir", str(tmp_path / "b"), "--cfg-options", *_options(synth, 1),
+                       f"load_from={tmp_path}"]) == 2
+    assert "tpo train: error: checkpoint" in capsys.readouterr().err
+    from tpo.engine import Trainer
+
+    options = {"data.train.ann_file": str(synth / "train.jsonl"), "data.val.ann_file": str(synth / "val.jsonl"),
+               "train.max_steps": 1, "train.batch_size": 4, "train.progress_bar": False, "train.tensorboard": False,
+               "model.llm.config.hidden_size": 30}
+    trainer = Trainer(config, cfg_options=options, work_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="not a multiple of the number of attention heads"):
+        trainer.fit()

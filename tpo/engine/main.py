@@ -37,7 +37,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from tpo.registry import load_config
 
     from .stages import check_stages
-    from .trainer import Trainer
+    from .trainer import SETUP_ERROR, Trainer
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,9 +51,16 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
-    if staged:
-        return _train_stages(parser, args)
-    report = trainer.fit()
+    try:
+        if staged:
+            return _train_stages(parser, args)
+        report = trainer.fit()
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+        if not getattr(err, SETUP_ERROR, False):  # not the config's: a bug, with its traceback
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
     if report:
         brief = {k: report.get(k) for k in ("work_dir", "steps", "wall_time_s", "final_checkpoint")}
         brief["train_loss"] = report.get("train", {}).get("loss", {}).get("last")

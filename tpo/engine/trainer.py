@@ -43,6 +43,21 @@ from .sampler import EvalSampler, StepBatchSampler
 CONFIG_FILE = "config.json"
 
 
+SETUP_ERROR = "tpo_setup_error"  # set on errors raised while building what the config names
+
+
+@contextlib.contextmanager
+def _setup_errors():
+    """Marks the errors of building what the config names before the first step (its data,
+    resume checkpoint, model, weights, algorithm, collator): they name the config key, and
+    ``tpo train`` prints them as one line instead of a traceback. Their type is kept."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+        setattr(err, SETUP_ERROR, True)
+        raise
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step, the
     samples of the batch and the last good checkpoint."""
@@ -318,25 +333,27 @@ class Trainer:
         seed = train["seed"]
 
         # data first: its errors come before any model is built
-        train_ds, val_ds = self._datasets()
-        steps_per_epoch = len(train_ds) // train["batch_size"]
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"train.batch_size: {train['batch_size']} is larger than the training set ({len(train_ds)} samples "
-                f"of data.train); lower it or add data"
-            )
-        total = train["max_steps"] or train["max_epochs"] * steps_per_epoch
-        resume_path = self._resume_path()
+        with _setup_errors():
+            train_ds, val_ds = self._datasets()
+            steps_per_epoch = len(train_ds) // train["batch_size"]
+            if steps_per_epoch == 0:
+                raise ValueError(
+                    f"train.batch_size: {train['batch_size']} is larger than the training set ({len(train_ds)} "
+                    f"samples of data.train); lower it or add data"
+                )
+            total = train["max_steps"] or train["max_epochs"] * steps_per_epoch
+            resume_path = self._resume_path()
 
         # model and algorithm (the same seed on every process: the same initial weights)
         set_seed(seed)
-        model = self.model if self.model is not None else build_model(cfg["model"])
-        if cfg["load_from"]:
-            from tpo.models.utils import load_model_weights
+        with _setup_errors():
+            model = self.model if self.model is not None else build_model(cfg["model"])
+            if cfg["load_from"]:
+                from tpo.models.utils import load_model_weights
 
-            load_model_weights(model, cfg["load_from"])
-        algo = build_algorithm(cfg["algorithm"], default_args={"model": model})
-        collate = self.collate_fn or algo.build_collator(**cfg["data"]["collator"])
+                load_model_weights(model, cfg["load_from"])
+            algo = build_algorithm(cfg["algorithm"], default_args={"model": model})
+            collate = self.collate_fn or algo.build_collator(**cfg["data"]["collator"])
         eval_bs = cfg["evaluation"]["batch_size"] or micro
         from tpo.algorithms.base import SetupContext
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tpo.registry import LLMS, current_config_key
 
-from .utils import FreezeAwareModule, as_dtype, freeze_module, resolve_pretrained
+from .utils import FreezeAwareModule, as_dtype, freeze_module, hf_config_for, resolve_pretrained
 
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 
@@ -96,7 +96,7 @@ class HFCausalLM(FreezeAwareModule):
             if vocab_size is not None:
                 overrides.setdefault("vocab_size", vocab_size)
             overrides.update(special)
-            hf_config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+            hf_config = hf_config_for(overrides.pop("model_type"), overrides, current_config_key("config"))
             model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=dtype)
         for key, value in special.items():
             setattr(model.generation_config, key, value)

@@ -25,6 +25,26 @@ def resolve_pretrained(path: str | os.PathLike | None, key: str = "pretrained") 
     return resolved
 
 
+def hf_config_for(model_type: str, fields: dict, key: str):
+    """``transformers.AutoConfig.for_model(model_type, **fields)``; an unknown model type or a
+    config transformers rejects (its fields' own checks, such as heads dividing the hidden
+    size) is a ``ValueError`` naming ``key`` and transformers' reason."""
+    import difflib
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"{key}.model_type: {model_type!r} is not a transformers model type{hint}")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # noqa: BLE001 - TypeError, ValueError, huggingface_hub's StrictDataclassError
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ValueError(f"{key}: not a valid {model_type!r} config: {cause}") from err
+
+
 def freeze_module(module: nn.Module) -> nn.Module:
     """Freeze ``module``'s parameters and put it in eval mode (dropout off).
 

@@ -3,7 +3,6 @@
 from ``output_hidden_states``."""
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from pathlib import Path
@@ -197,18 +196,10 @@ class HFVisionEncoder(VisionEncoder):
         return overrides, model_type
 
     def _config_from_dict(self, model_type: str, fields: dict):
-        from transformers import AutoConfig
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from tpo.models.utils import hf_config_for
 
         key = current_config_key("config")
-        if model_type not in CONFIG_MAPPING:
-            close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"{key}.model_type: {model_type!r} is not a transformers model type{hint}")
-        try:
-            hf_config = AutoConfig.for_model(model_type, **fields)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{key}: not a valid {model_type!r} config: {err}") from err
+        hf_config = hf_config_for(model_type, fields, key)
         vision = getattr(hf_config, "vision_config", None)
         if vision is not None:  # a dual encoder's config: build its vision tower only
             hf_config = vision
