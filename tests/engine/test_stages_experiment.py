@@ -114,6 +114,12 @@ def test_experiment_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tpo experiment: error: work_dir") and "seed: 1 before, 2 now" in err
     assert len(err.strip().splitlines()) == 1  # one line, not a traceback
+    broken = tmp_path / "broken.py"  # a model its constructor refuses: one line too, when the run starts
+    broken.write_text(config.read_text().replace("{'train.max_steps': 3}",
+                                                 "{'train.max_steps': 3, 'model.llm.config.hidden_size': 30}"))
+    assert experiment_main([str(broken), "--work-dir", str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tpo experiment: error: model.llm.config: not a valid") and len(err.splitlines()) == 1
     record = json.loads((tmp_path / "run" / "experiment.json").read_text())
     assert record["benchmark"]["version"] >= 2 and record["benchmark"]["seed"] == 1
     (tmp_path / "run" / "experiment.json").unlink()  # as an earlier tpo left it

@@ -313,7 +313,16 @@ def experiment_main(argv=None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
-    summary = execute_experiment(plan)
+    from .trainer import SETUP_ERROR
+
+    try:
+        summary = execute_experiment(plan)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+        if not getattr(err, SETUP_ERROR, False):  # not the config's: a bug, with its traceback
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
     print(summary["table"])
     print(f"wall time: {summary['wall_time_s']:.0f} s (writing the benchmark, training, evaluating)")
     print(f"results: {os.path.join(summary['work_dir'], 'results.json')}")
