@@ -164,3 +164,17 @@ def test_video_file_samples_validate_and_load(tmp_path):
     assert item["media"].shape == (3, 3, 16, 16) and item["frame_indices"].tolist() == [1, 3, 5]
     assert item["span_frames"].tolist() == [[False, True, True]]
     assert item["box_frames"].tolist() == [1]
+
+
+def test_a_video_given_as_an_image_is_named(tmp_path):
+    from tpo.data.video import load_image
+
+    frames = tmp_path / "clip.npy"
+    np.save(frames, np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"clip.npy' cannot be read.*it is a video \(frames\)"):
+        load_image(str(frames))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot be read") as info:
+        load_image(str(broken))
+    assert "it is a video" not in str(info.value)

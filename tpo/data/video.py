@@ -69,7 +69,10 @@ def load_image(path: str) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path!r} does not exist") from None
     except OSError as err:
-        raise ValueError(f"image {path!r} cannot be read: {err}") from err
+        ext = os.path.splitext(str(path))[1].lower()
+        hint = "; it is a video (frames): give it as a video (--video in `tpo chat`)" if (
+            ext == ".npy" or ext in VIDEO_EXTENSIONS or os.path.isdir(path)) else ""
+        raise ValueError(f"image {path!r} cannot be read: {err}{hint}") from err
 
 
 def image_size(path: str) -> tuple[int, int]:
