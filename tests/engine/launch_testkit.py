@@ -83,7 +83,7 @@ except Stop:
 else:
     raise SystemExit("the run was not stopped")
 SFT.on_step = original
-run({cut!r}, resume=True)
+run({cut!r}, resume=True).accelerator.end_training()  # the process group destroyed before exit
 """
 
 

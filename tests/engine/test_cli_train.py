@@ -76,3 +76,18 @@ def test_errors_of_building_what_the_config_names_are_one_line(tmp_path, synth, 
     trainer = Trainer(config, cfg_options=options, work_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="not a multiple of the number of attention heads"):
         trainer.fit()
+
+
+def test_tpo_train_destroys_the_process_group_it_ran_in(tmp_path, synth, capsys):
+    """A launched process that exits with its process group alive can abort in interpreter shutdown
+    (gloo; pytorch/pytorch#190489): `tpo train` destroys it when done (here a one-process gloo group)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        config = str(ROOT / "configs" / "sft" / "timm_mlp_llama.py")
+        assert train_main([config, "--work-dir", str(tmp_path / "run"), "--cfg-options", *_options(synth, 1)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -23,7 +23,9 @@ sys.path.insert(0, {kit!r})
 from engine_testkit import qa_items, train_config
 from tpo.engine import Trainer
 cfg = train_config({work_dir!r}, train={train!r}, checkpoint={{"save_final": True}}, evaluation={{"at_end": True}})
-Trainer(cfg, train_dataset=qa_items(16), val_dataset=qa_items(6, seed=1, prefix="v")).fit()
+trainer = Trainer(cfg, train_dataset=qa_items(16), val_dataset=qa_items(6, seed=1, prefix="v"))
+trainer.fit()
+trainer.accelerator.end_training()  # destroys the process group: exiting with it alive can abort (SIGABRT)
 """
 
 

@@ -33,7 +33,25 @@ def build_parser(prog: str = "tpo train") -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """The ``tpo train`` command: returns 0 when training finished."""
+    """The ``tpo train`` command: returns 0 when training finished. Under a launcher (torchrun,
+    accelerate launch) it destroys the process group before returning: a process that exits
+    with it alive can abort in interpreter shutdown (gloo's worker threads still hold tensors;
+    pytorch/pytorch#190489), turning a finished run into a failed one."""
+    try:
+        return _train_main(argv)
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Destroy the default process group if one is up (every process calls it at its end)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train_main(argv: Sequence[str] | None = None) -> int:
     from tpo.registry import load_config
 
     from .stages import check_stages

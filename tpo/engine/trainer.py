@@ -176,6 +176,10 @@ class Trainer:
             path from that checkpoint; an error when there is none.
         model, train_dataset, val_dataset, collate_fn: ready-made parts used
             instead of building them from the config (tests, notebooks).
+
+    A script of its own under a launcher (torchrun, accelerate launch) ends with
+    ``trainer.accelerator.end_training()``, as ``tpo train`` does: it destroys the process
+    group, without which a process can abort at exit (gloo; pytorch/pytorch#190489).
     """
 
     def __init__(self, cfg, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None,
