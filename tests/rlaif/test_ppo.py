@@ -254,6 +254,8 @@ else:
     raise SystemExit("the run was not stopped")
 PPO.on_step = original
 train(PPO_CONFIG, cfg_options=opts, work_dir={cut!r}, resume=True)
+import torch.distributed as dist
+dist.destroy_process_group()  # before exit: a live gloo group can abort the interpreter's shutdown
 """
 
 
