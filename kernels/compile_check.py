@@ -56,6 +56,8 @@ ARCHS: dict[int, Arch] = {
     86: Arch("RTX 30xx / A10", 84, 101376, 102400, 1536),
     89: Arch("L4 / L40 / RTX 40xx", 58, 101376, 102400, 1536),
     90: Arch("H100 / H200", 132, 232448, 233472, 2048),
+    100: Arch("B200 / GB200", 148, 232448, 233472, 2048),
+    120: Arch("RTX 50xx / RTX PRO 6000", 170, 101376, 102400, 1536),
 }
 
 _OPS = ("tpo.kernels.fused_linear_logprob", "tpo.kernels.task_token_attention")
@@ -75,7 +77,7 @@ class KernelBuild:
     spill_bytes: int  # local memory per thread (register spills)
     shared_bytes: int  # dynamic + static shared memory per program
     programs_per_sm: int  # resident at once, as registers, shared memory and threads allow
-    tensor_cores: str = "-"  # the matrix instructions in its PTX: "wgmma" (sm_90), "mma", or "-" (none)
+    tensor_cores: str = "-"  # its matrix instructions: "tcgen05" (sm_100), "wgmma" (sm_90), "mma", "-" (none)
 
     @property
     def threads(self) -> int:
@@ -158,6 +160,8 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
 
 
 def _matrix_instructions(ptx: str) -> str:
+    if re.search(r"\btcgen05\.mma", ptx):
+        return "tcgen05"
     if re.search(r"\bwgmma\.mma_async", ptx):
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
