@@ -263,14 +263,17 @@ def cases() -> dict[str, Callable[[], None]]:
         # sizes divisible by 16 as the GPU set's (N=8192, H=4096, V=128256): the same specialisation
         out[f"logprob {t} N=256 H=4096 V=1008"] = _logprob_case(256, 4096, 1008, dtype, False)
         out[f"logprob {t} N=100 H=1030 V=999 bias"] = _logprob_case(100, 1030, 999, dtype, True)
-        out[f"attention {t} K=1 Hq=Hkv=8 D=128 lengths self"] = _attention_case(2, 8, 8, 1, 1000, 128, dtype, True, True)
-        out[f"attention {t} K=4 Hq=32 Hkv=8 D=128 lengths"] = _attention_case(2, 32, 8, 4, 1000, 128, dtype, True, False)
-        out[f"attention {t} K=8 Hq=32 Hkv=8 N=4096 D=128 lengths"] = _attention_case(2, 32, 8, 8, 4096, 128, dtype, True,
-                                                                                     False)
-        out[f"attention {t} K=16 Hq=32 Hkv=8 D=128 self"] = _attention_case(1, 32, 8, 16, 777, 128, dtype, False, True)
-        out[f"attention {t} K=3 Hq=Hkv=4 D=64"] = _attention_case(2, 4, 4, 3, 500, 64, dtype, False, False)
-        out[f"attention {t} K=2 Hq=Hkv=2 D=80 lengths self"] = _attention_case(2, 2, 2, 2, 300, 80, dtype, True, True)
-        out[f"attention {t} K=4 Hq=16 Hkv=2 D=256 lengths self"] = _attention_case(1, 16, 2, 4, 600, 256, dtype, True, True)
+        attention = {  # (B, Hq, Hkv, K, N, D, lengths, self keys)
+            "K=1 Hq=Hkv=8 D=128 lengths self": (2, 8, 8, 1, 1000, 128, True, True),
+            "K=4 Hq=32 Hkv=8 D=128 lengths": (2, 32, 8, 4, 1000, 128, True, False),
+            "K=8 Hq=32 Hkv=8 N=4096 D=128 lengths": (2, 32, 8, 8, 4096, 128, True, False),
+            "K=16 Hq=32 Hkv=8 D=128 self": (1, 32, 8, 16, 777, 128, False, True),
+            "K=3 Hq=Hkv=4 D=64": (2, 4, 4, 3, 500, 64, False, False),
+            "K=2 Hq=Hkv=2 D=80 lengths self": (2, 2, 2, 2, 300, 80, True, True),
+            "K=4 Hq=16 Hkv=2 D=256 lengths self": (1, 16, 2, 4, 600, 256, True, True),
+        }
+        for name, (b, hq, hkv, k, n, d, lengths, self_kv) in attention.items():
+            out[f"attention {t} {name}"] = _attention_case(b, hq, hkv, k, n, d, dtype, lengths, self_kv)
     return out
 
 
@@ -323,7 +326,8 @@ def check_builds(builds: Sequence[KernelBuild]) -> list[str]:
         if b.shared_bytes > limit:
             problems.append(f"{where}: {b.shared_bytes} bytes of shared memory, over the {limit} one program may have")
         if b.spill_bytes:
-            problems.append(f"{where}: spills {b.spill_bytes} bytes per thread to local memory ({b.registers} registers)")
+            problems.append(
+                f"{where}: spills {b.spill_bytes} bytes per thread to local memory ({b.registers} registers)")
         if b.programs_per_sm < 1:
             problems.append(f"{where}: no program fits on an SM ({b.registers} registers x {b.threads} threads)")
     return problems

@@ -182,7 +182,8 @@ def test_tpo_train_runs_a_staged_recipe(synth_dir, tmp_path, capsys):
     assert train_main([str(config), "--work-dir", str(tmp_path / "run"), "--cfg-options", "train.log_interval=7"]) == 0
     assert json.loads(capsys.readouterr().out)["final_checkpoint"] == brief["final_checkpoint"]
     assert (tmp_path / "run" / "2_heads" / "report.json").stat().st_mtime_ns == mtime
-    changed = config.read_text().replace("train = dict(batch_size=4)", "train = dict(batch_size=4)\noptim = dict(lr=0.5)")
+    changed = config.read_text().replace("train = dict(batch_size=4)",
+                                         "train = dict(batch_size=4)\noptim = dict(lr=0.5)")
     config.write_text(changed)
     assert train_main([str(config), "--work-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

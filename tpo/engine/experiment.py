@@ -131,7 +131,8 @@ def _check_work_dir(root: Path, benchmark: dict, runs: Mapping[str, dict]) -> di
     record = json.loads(record_file.read_text())
     diffs = differences(record.get("benchmark"), benchmark)
     if diffs:
-        raise ValueError(f"work_dir {str(root)!r} holds an experiment on another benchmark ({describe_differences(diffs)}); "
+        raise ValueError(f"work_dir {str(root)!r} holds an experiment on another benchmark "
+                         f"({describe_differences(diffs)}); "
                          f"its finished runs would be scored on, and trained from, the wrong data: {fix}")
     trained = dict(record.get("runs") or {})
     for name, cfg in runs.items():

@@ -113,7 +113,8 @@ def check_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir:
             from .config import describe_differences
 
             raise ValueError(
-                f"stage {name!r}: finished in {str(stage_dir)!r} with another config ({describe_differences(changed)}), "
+                f"stage {name!r}: finished in {str(stage_dir)!r} with another config "
+                f"({describe_differences(changed)}), "
                 f"so it would not train again and the stages after it would start from its old weights; delete "
                 f"{str(stage_dir)!r} and the stages after it to train them again, or use another --work-dir"
             )

@@ -111,8 +111,9 @@ def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     wrong = [f"{n}: {list(stored[n])} in the checkpoint, {list(own[n])} in the model"
              for n in sorted(set(own) & set(stored)) if own[n] != stored[n]]
     if wrong:
+        differ = "tensors differ" if len(wrong) > 1 else "tensor differs"
         raise ValueError(
-            f"checkpoint {str(path)!r} does not fit this model: {len(wrong)} tensor{'s differ' if len(wrong) > 1 else ' differs'} in shape "
+            f"checkpoint {str(path)!r} does not fit this model: {len(wrong)} {differ} in shape "
             f"({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}); {_trained_with(path, model)}"
         )
     missing, unexpected = load_model(model, str(path), strict=False)
