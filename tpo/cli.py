@@ -245,12 +245,70 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     # `tpo data synth ...` is handed to tpo.data.synth.main whole (see main()).
     data_sub.add_parser("synth", help="write the synthetic grounded video benchmark (--out DIR --num N ...)")
+    p = data_sub.add_parser("convert", help="convert a public annotation format into tpo samples (JSONL)")
+    formats = p.add_subparsers(dest="format", required=True)
+
+    def with_out(q):
+        q.add_argument("--out", required=True, help="the JSONL to write (media paths are made relative to it)")
+        q.add_argument("--check-media", action="store_true", help="also check that every media file exists")
+        q.set_defaults(func=cmd_data_convert)
+        return q
+
+    q = with_out(formats.add_parser("llava", help="LLaVA instruction data: a JSON list or JSONL"))
+    q.add_argument("file")
+    q.add_argument("--media-root", help="folder the image/video paths are relative to (default: the file's)")
+    q = with_out(formats.add_parser("refcoco", help="RefCOCO/+/g: COCO instances JSON and refs JSON"))
+    q.add_argument("instances")
+    q.add_argument("refs", help="the refs pickle as a JSON list of {ref_id, ann_id, image_id, split, sentences}")
+    q.add_argument("--image-root", required=True)
+    q.add_argument("--split", help="keep one split (train, val, testA, ...)")
+    q.add_argument("--no-masks", action="store_true", help="boxes only")
+    q = with_out(formats.add_parser("charades-sta", help="Charades-STA: 'vid start end##sentence' lines"))
+    q.add_argument("annotations")
+    q.add_argument("--durations", required=True, help="a JSON {vid: seconds} or a Charades CSV (id, length)")
+    q.add_argument("--video-root", required=True)
+    q.add_argument("--video-ext", default=".mp4", help="'' for frame folders")
+    q = with_out(formats.add_parser("trl-preference", help="TRL preference JSONL {prompt, chosen, rejected}"))
+    q.add_argument("file")
+    q.add_argument("--media-root", help="folder the image/video paths are relative to (default: the file's)")
     return parser
+
+
+def cmd_data_convert(args) -> int:
+    """``tpo data convert FORMAT ... --out OUT.jsonl``: every entry converted and validated
+    (all problems of the input reported together, nothing written), then written atomically."""
+    from tpo.data import readers
+    from tpo.data.schema import write_jsonl
+
+    out = Path(args.out)
+    if out.suffix != ".jsonl" or out.is_dir():
+        raise ValueError(f"--out {args.out!r}: give a .jsonl file to write")
+    inputs = [getattr(args, k) for k in ("file", "instances", "refs", "annotations", "durations") if
+              getattr(args, k, None)]
+    if any(Path(i).resolve() == out.resolve() for i in inputs):
+        raise ValueError(f"--out {args.out!r} is one of the input files; write the samples elsewhere")
+    check = args.check_media
+    if args.format == "llava":
+        samples = readers.read_llava(args.file, args.media_root, check_media=check)
+    elif args.format == "refcoco":
+        samples = readers.read_refcoco(args.instances, args.refs, args.image_root, split=args.split,
+                                       masks=not args.no_masks, check_media=check)
+    elif args.format == "charades-sta":
+        samples = readers.read_charades_sta(args.annotations, args.durations, args.video_root, args.video_ext,
+                                            check_media=check)
+    else:
+        samples = readers.read_trl_preference(args.file, args.media_root, check_media=check)
+    if not samples:
+        raise ValueError(f"{args.format}: no samples in the input" + (f" of split {args.split!r}" if getattr(
+            args, "split", None) else ""))
+    n = write_jsonl(samples, out)
+    print(f"wrote {n} sample{'s' if n != 1 else ''} to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["data", "synth"]:
+    if argv[:2] == ["data", "synth"]:  # its own parser
         from tpo.data.synth import main as synth_main
 
         return synth_main(argv[2:])
@@ -271,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, ImportError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"tpo {args.command}: error: {message}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"tpo {command}: error: {message}", file=sys.stderr)
         return 2
 
 

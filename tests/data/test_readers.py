@@ -196,3 +196,50 @@ def test_trl_preference_problems(files):
     assert f"{path}:1: sample 'pref-1': field 'rejected': missing" in msg
     assert f"{path}:2: sample 'x': field 'prompt[0]'" in msg
     assert f"{path}:3: sample 'y': field 'preference'" in msg and "same text" in msg
+
+
+def test_tpo_data_convert_writes_each_format(files, capsys):
+    """`tpo data convert FORMAT ... --out OUT.jsonl`: the readers from the command line; the output loads back,
+    and an input with problems is one error naming them, with nothing written."""
+    from tpo.cli import main
+
+    llava = files / "llava.json"
+    llava.write_text(json.dumps([{"id": "1", "image": "a.jpg", "conversations": [
+        {"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "Black."}]}]))
+    out = files / "out" / "llava.jsonl"
+    assert main(["data", "convert", "llava", str(llava), "--media-root", str(files / "images"), "--out", str(out),
+                 "--check-media"]) == 0
+    assert "wrote 1 sample to" in capsys.readouterr().out and len(load_samples(out)) == 1
+
+    instances, refs = coco_files(files)
+    out = files / "out" / "refcoco.jsonl"
+    assert main(["data", "convert", "refcoco", str(instances), str(refs), "--image-root", str(files / "images"),
+                 "--split", "train", "--out", str(out)]) == 0
+    assert [s.id for s in load_samples(out)] == ["ref100-0", "ref100-1"]
+
+    ann = files / "sta.txt"
+    ann.write_text("v1 2.0 6.0##a person opens a door.\n")
+    durations = files / "durations.json"
+    durations.write_text(json.dumps({"v1": 10.0}))
+    out = files / "out" / "sta.jsonl"
+    assert main(["data", "convert", "charades-sta", str(ann), "--durations", str(durations), "--video-root",
+                 str(files / "videos"), "--video-ext", ".npy", "--out", str(out)]) == 0
+    assert load_samples(out)[0].spans == [(0.2, 0.6)]
+
+    trl = files / "trl.jsonl"
+    trl.write_text(json.dumps({"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No."}) + "\n")
+    out = files / "out" / "trl.jsonl"
+    assert main(["data", "convert", "trl-preference", str(trl), "--out", str(out)]) == 0
+    assert load_samples(out)[0].preference is not None
+    capsys.readouterr()
+
+    bad = files / "bad.json"
+    bad.write_text(json.dumps([{"id": "1", "image": "a.jpg", "conversations": []}]))
+    out = files / "out" / "bad.jsonl"
+    assert main(["data", "convert", "llava", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpo data convert: error: ") and "conversations" in err and not out.exists()
+    assert main(["data", "convert", "llava", str(llava), "--out", str(llava)]) == 2
+    assert "give a .jsonl file" in capsys.readouterr().err
+    assert main(["data", "convert", "trl-preference", str(trl), "--out", str(trl)]) == 2
+    assert "is one of the input files" in capsys.readouterr().err
