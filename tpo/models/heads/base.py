@@ -119,16 +119,22 @@ def sine_embedding(positions: Tensor, dim: int, max_frequency: float = 64.0) -> 
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
-def grid_sine_embedding(grid_size: tuple[int, int], dim: int, device=None) -> Tensor:
-    """``[h * w, dim]`` 2-D sinusoidal embedding of a patch grid (row-major),
-    half the channels for y, half for x, at the patch centres in [0, 1]."""
+def grid_centres(grid_size: tuple[int, int], device=None) -> Tensor:
+    """``[h * w, 2]`` normalised ``(x, y)`` centres of a patch grid's cells (row-major)."""
     h, w = grid_size
-    if dim % 4:
-        raise ValueError(f"2-D sine embedding dim must be a multiple of 4, got {dim}")
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.cat((sine_embedding(yy, dim // 2), sine_embedding(xx, dim // 2)), dim=-1).reshape(h * w, dim)
+    return torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=-1)
+
+
+def grid_sine_embedding(grid_size: tuple[int, int], dim: int, device=None) -> Tensor:
+    """``[h * w, dim]`` 2-D sinusoidal embedding of a patch grid (row-major),
+    half the channels for y, half for x, at the patch centres in [0, 1]."""
+    if dim % 4:
+        raise ValueError(f"2-D sine embedding dim must be a multiple of 4, got {dim}")
+    centres = grid_centres(grid_size, device)
+    return torch.cat((sine_embedding(centres[:, 1], dim // 2), sine_embedding(centres[:, 0], dim // 2)), dim=-1)
 
 
 def frame_times(frame_mask: Tensor) -> Tensor:
