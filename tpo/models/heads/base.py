@@ -128,6 +128,22 @@ def grid_centres(grid_size: tuple[int, int], device=None) -> Tensor:
     return torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=-1)
 
 
+def box_cell_overlap(boxes: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    """``[B, h * w]``: the share of each normalised ``xyxy`` box that falls in each cell of a patch
+    grid (row-major; a row sums to 1; a degenerate box goes to the cell holding its centre)."""
+    h, w = grid_size
+    x0, y0, x1, y1 = boxes.float().clamp(0.0, 1.0).unbind(-1)
+    edges_x = torch.arange(w + 1, device=boxes.device, dtype=torch.float32) / w
+    edges_y = torch.arange(h + 1, device=boxes.device, dtype=torch.float32) / h
+    ox = (torch.minimum(x1[:, None], edges_x[None, 1:]) - torch.maximum(x0[:, None], edges_x[None, :-1])).clamp(min=0)
+    oy = (torch.minimum(y1[:, None], edges_y[None, 1:]) - torch.maximum(y0[:, None], edges_y[None, :-1])).clamp(min=0)
+    area = (oy[:, :, None] * ox[:, None, :]).reshape(boxes.shape[0], h * w)
+    total = area.sum(-1, keepdim=True)
+    cx, cy = ((x0 + x1) / 2).clamp(0, 1 - 1e-6), ((y0 + y1) / 2).clamp(0, 1 - 1e-6)
+    nearest = torch.nn.functional.one_hot((cy * h).long() * w + (cx * w).long(), h * w).float()
+    return torch.where(total > 0, area / total.clamp(min=1e-12), nearest)
+
+
 def grid_sine_embedding(grid_size: tuple[int, int], dim: int, device=None) -> Tensor:
     """``[h * w, dim]`` 2-D sinusoidal embedding of a patch grid (row-major),
     half the channels for y, half for x, at the patch centres in [0, 1]."""
