@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mmengine.config import DictAction
 
+from tpo.errors import CONFIG_ERRORS, print_config_error
 from tpo.registry import ALL_REGISTRIES, build_model, load_config, registered_names
 
 
@@ -327,11 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, ImportError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except (*CONFIG_ERRORS, ImportError) as err:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
-        print(f"tpo {command}: error: {message}", file=sys.stderr)
-        return 2
+        return print_config_error(f"tpo {command}", err)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from tpo.errors import CONFIG_ERRORS, is_setup_error, print_config_error
 from tpo.registry import load_config
 
 from .config import describe_differences, differences
@@ -310,20 +310,14 @@ def experiment_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:  # config errors are one line, found before any training
         plan = prepare_experiment(args.config, args.cfg_options, args.work_dir)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
-    from .trainer import SETUP_ERROR
-
+    except CONFIG_ERRORS as err:
+        return print_config_error(parser.prog, err)
     try:
         summary = execute_experiment(plan)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
-        if not getattr(err, SETUP_ERROR, False):  # not the config's: a bug, with its traceback
+    except CONFIG_ERRORS as err:
+        if not is_setup_error(err):  # not the config's: a bug, with its traceback
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
+        return print_config_error(parser.prog, err)
     print(summary["table"])
     print(f"wall time: {summary['wall_time_s']:.0f} s (writing the benchmark, training, evaluating)")
     print(f"results: {os.path.join(summary['work_dir'], 'results.json')}")

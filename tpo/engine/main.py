@@ -52,10 +52,11 @@ def end_distributed() -> None:
 
 
 def _train_main(argv: Sequence[str] | None = None) -> int:
+    from tpo.errors import CONFIG_ERRORS, is_setup_error, print_config_error
     from tpo.registry import load_config
 
     from .stages import check_stages
-    from .trainer import SETUP_ERROR, Trainer
+    from .trainer import Trainer
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,20 +66,16 @@ def _train_main(argv: Sequence[str] | None = None) -> int:
             check_stages(args.config, args.cfg_options, args.work_dir)
         else:
             trainer = Trainer(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, resume=args.resume)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
+    except CONFIG_ERRORS as err:
+        return print_config_error(parser.prog, err)
     try:
         if staged:
             return _train_stages(parser, args)
         report = trainer.fit()
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
-        if not getattr(err, SETUP_ERROR, False):  # not the config's: a bug, with its traceback
+    except CONFIG_ERRORS as err:
+        if not is_setup_error(err):  # not the config's: a bug, with its traceback
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
+        return print_config_error(parser.prog, err)
     if report:
         brief = {k: report.get(k) for k in ("work_dir", "steps", "wall_time_s", "final_checkpoint")}
         brief["train_loss"] = report.get("train", {}).get("loss", {}).get("last")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from tpo.errors import CONFIG_ERRORS, mark_setup_error
 from tpo.registry import build_algorithm, build_dataset, build_metric, build_model, load_config
 
 from . import checkpoint as ckpt
@@ -43,9 +44,6 @@ from .sampler import EvalSampler, StepBatchSampler
 CONFIG_FILE = "config.json"
 
 
-SETUP_ERROR = "tpo_setup_error"  # set on errors raised while building what the config names
-
-
 @contextlib.contextmanager
 def _setup_errors():
     """Marks the errors of building what the config names before the first step (its data,
@@ -53,8 +51,8 @@ def _setup_errors():
     ``tpo train`` prints them as one line instead of a traceback. Their type is kept."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
-        setattr(err, SETUP_ERROR, True)
+    except CONFIG_ERRORS as err:
+        mark_setup_error(err)
         raise
 
 

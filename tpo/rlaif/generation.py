@@ -59,6 +59,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from tpo.data.schema import fsync_dir, write_jsonl
+from tpo.errors import CONFIG_ERRORS, print_config_error
 from tpo.registry import JUDGES, build_from_cfg, config_key, load_config
 
 from .collate import PromptCollator, question_text, reference_of
@@ -531,10 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate":
         try:  # the config's errors are one line, before any answer is sampled
             plan = prepare(args.config, cfg_options=args.cfg_options, out=args.out)
-        except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"tpo rlaif generate: error: {message}", file=sys.stderr)
-            return 2
+        except CONFIG_ERRORS as err:
+            return print_config_error("tpo rlaif generate", err)
         summary = _generate(plan, None)
         print(json.dumps(summary, indent=2))
         return 0 if summary["complete"] else 1
