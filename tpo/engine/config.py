@@ -179,6 +179,11 @@ def differences(before: Any, now: Any, key: str = "") -> list[tuple[str, Any, An
     return [] if before == now else [(key or "value", before, now)]
 
 
+def as_json(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples as lists, other objects as strings, keys sorted)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def describe_differences(diffs: list[tuple[str, Any, Any]], most: int = 4) -> str:
     text = "; ".join(f"{k}: {b!r} before, {n!r} now" for k, b, n in diffs[:most])
     return text + ("; ..." if len(diffs) > most else "")

@@ -34,7 +34,7 @@ import torch
 from tpo.errors import CONFIG_ERRORS, is_setup_error, print_config_error
 from tpo.registry import load_config
 
-from .config import describe_differences, differences
+from .config import as_json, describe_differences, differences
 
 METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
            ("mask/miou", "mask IoU"), ("track/auc", "track AUC"), ("assign/accuracy", "task assign")]
@@ -105,15 +105,11 @@ def _benchmark_params(synth_cfg: Mapping[str, Any]) -> dict:
         raise KeyError("synth.num: the number of scenes is required (synth=dict(num=100, seed=0, ...))")
     given = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
     given.update(synth_cfg)
-    return _as_json({
+    return as_json({
         "version": synth.VERSION, "seed": given["seed"], "frames": given["frames"], "size": given["size"],
         "image_fraction": given["image_fraction"], "objects": list(given["objects"]), "num_scenes": given["num"],
         "split_fractions": [float(f) for f in given["splits"]], "preference_pairs": given["preference_pairs"],
     })
-
-
-def _as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def _check_work_dir(root: Path, benchmark: dict, runs: Mapping[str, dict]) -> dict:
@@ -206,7 +202,7 @@ def prepare_experiment(config, cfg_options: Mapping[str, Any] | None = None, wor
         raise KeyError(f"evaluation.{unknown[0]}: unknown key; it takes split, limit, max_new_tokens")
     split = eval_cfg.pop("split", "test")
     benchmark = _benchmark_params(synth_cfg)
-    as_trained = {name: _as_json(reroot(run_cfg, str(synth_dir), "<work_dir>/synth"))
+    as_trained = {name: as_json(reroot(run_cfg, str(synth_dir), "<work_dir>/synth"))
                   for name, (run_cfg, _) in runs.items()}
     record = _check_work_dir(root, benchmark, as_trained)
     started = time.time()

@@ -79,13 +79,13 @@ _NOT_TRAINING = ("work_dir", "source", "checkpoint", "evaluation", "data.val", "
 def _changed_since_finished(stage_dir: Path, cfg: Mapping[str, Any], first: bool) -> list[tuple[str, Any, Any]]:
     """How ``cfg`` differs from the config a finished stage trained with (nothing for an
     unfinished stage: resuming it with other settings is the user's call, as with --resume)."""
-    from .config import differences
+    from .config import as_json, differences
     from .trainer import CONFIG_FILE
 
     stored = stage_dir / CONFIG_FILE
     if not (stage_dir / REPORT_FILE).is_file() or not stored.is_file():
         return []
-    now = json.loads(json.dumps(cfg, sort_keys=True, default=str))
+    now = as_json(cfg)
     ignored = _NOT_TRAINING if first else (*_NOT_TRAINING, "load_from")  # later stages: the previous stage's
     return [d for d in differences(json.loads(stored.read_text()), now)
             if not any(d[0] == k or d[0].startswith(k + ".") for k in ignored)]
