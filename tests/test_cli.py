@@ -106,7 +106,8 @@ def test_chat_with_a_tpo_model_prints_its_task_heads(tmp_path, capsys, monkeypat
     seen = {}
 
     def predict(self, prompt, image=None, video=None, input_box=None, head_inputs=None, **kwargs):
-        seen.update(input_box=input_box, size=head_inputs["output_size"], kwargs=kwargs, frames=video.shape)
+        seen.update(input_box=input_box, size=head_inputs["output_size"], kwargs=kwargs, frames=video.shape,
+                    init_frames=head_inputs["init_frames"].tolist())
         return {"text": "here", "tasks": {
             "region": {"boxes": torch.tensor([[0.1, 0.2, 0.3, 0.4]])},
             "mask": {"masks": torch.zeros(1, 4, 32, 32, dtype=torch.bool).index_fill_(2, torch.tensor([0]), True)}}}
@@ -114,18 +115,21 @@ def test_chat_with_a_tpo_model_prints_its_task_heads(tmp_path, capsys, monkeypat
     monkeypatch.setattr(TPOModel, "predict", predict)
     saved = tmp_path / "heads.npz"
     assert main(["chat", tpo, "--video", video, "--prompt", "Track it.", "--input-box", "0.1,0.2,0.5,0.6",
-                 "--save-tasks", str(saved)]) == 0
+                 "--input-frame", "2", "--save-tasks", str(saved)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "here" and lines[1] == "[region] boxes: [[0.1, 0.2, 0.3, 0.4]]"
     assert lines[2] == "[mask] masks: {'shape': [1, 4, 32, 32], 'foreground': 0.0312}"
     assert seen["input_box"] == [0.1, 0.2, 0.5, 0.6] and seen["size"] == (32, 32) and seen["frames"][-3:] == (3, 32, 32)
     assert seen["kwargs"] == {"max_new_tokens": 32, "do_sample": False}  # greedy: no sampling settings
+    assert seen["init_frames"] == [2]  # the frame the box prompt is on
     with np.load(saved) as arrays:
         assert arrays["region/boxes"].tolist() == [[np.float32(0.1), np.float32(0.2), np.float32(0.3),
                                                    np.float32(0.4)]] and arrays["mask/masks"].shape == (1, 4, 32, 32)
     # refused: a box that is not one, a box for a model without heads, a file that is not .npz
     assert main(["chat", tpo, "--video", video, "--prompt", "x", "--input-box", "0.5,0.5,0.1,0.9"]) == 2
     assert "--input-box: x1,y1,x2,y2" in capsys.readouterr().err
+    assert main(["chat", tpo, "--video", video, "--prompt", "x", "--input-box", "0,0,1,1", "--input-frame", "4"]) == 2
+    assert "--input-frame 4: the model samples 4 frame(s) of the video; give 0 to 3" in capsys.readouterr().err
     assert main(["chat", CONFIG, "--video", video, "--prompt", "x", "--input-box", "0,0,1,1"]) == 2
     assert "builds a MultimodalLLM" in capsys.readouterr().err
     assert main(["chat", tpo, "--video", video, "--prompt", "x", "--save-tasks", str(tmp_path / "h.npy")]) == 2

@@ -102,6 +102,10 @@ def cmd_chat(args) -> int:
         raise ValueError(f"--input-box and --save-tasks need a model with task heads (a TPOModel); "
                          f"{args.config} builds a {type(model).__name__}")
     video = load_video(args.video, model.processor.num_frames) if args.video else None
+    frames = 1 if video is None else video.shape[0]
+    if not 0 <= args.input_frame < frames:
+        raise ValueError(f"--input-frame {args.input_frame}: the model samples {frames} frame(s) of the "
+                         f"{'video' if video is not None else 'image'}; give 0 to {frames - 1}")
     if args.checkpoint:
         from tpo.models.utils import load_model_weights
 
@@ -117,7 +121,8 @@ def cmd_chat(args) -> int:
     # a TPO model: the task heads its answer runs give their results too
     size = tuple((image if image is not None else video).shape[-2:])
     result = model.predict(args.prompt, image=image, video=video, input_box=input_box,
-                           head_inputs={"output_size": size}, **sampling)
+                           head_inputs={"output_size": size, "init_frames": torch.tensor([args.input_frame])},
+                           **sampling)
     tasks = {name: _task_summary(out) for name, out in result["tasks"].items()}
     if args.save_tasks:
         import numpy as np
@@ -223,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation and sampling")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument("--input-box", help="a TPO model's box prompt (tracking): x1,y1,x2,y2 normalised to [0, 1]")
+    p.add_argument("--input-frame", type=int, default=0,
+                   help="the frame of the video (of the frames the model samples, from 0) the box prompt is on")
     p.add_argument("--save-tasks", help="a TPO model: write its task heads' outputs (boxes, spans, masks) to this .npz")
     p.set_defaults(func=cmd_chat)
 

@@ -326,6 +326,7 @@ def test_task_tokens_labels_and_targets_line_up(model, items):
                 assert target["sizes"][i].tolist() == list(want["masks"].shape[-2:])
             else:
                 assert torch.equal(target["init_boxes"][i], want["init_boxes"])
+                assert target["init_frames"][i] == int(want["valid"].nonzero()[0, 0])  # where the box prompt is
                 assert torch.equal(target["boxes"][i], want["boxes"]) and torch.equal(target["valid"][i], want["valid"])
     # a region box on a video points at the sampled frame it was annotated on
     for i, b in enumerate(batch["task_targets"]["region"]["index"].tolist()):

@@ -475,9 +475,10 @@ def test_sam2_pretrained_folder_and_config_errors(tmp_path):
         head(torch.randn(1, D), images=torch.rand(1, 1, 8, 8))
 
 
-def _moving_patch(n, generator, grid=6, frames=4, channels=16, objects=1):
+def _moving_patch(n, generator, grid=6, frames=4, channels=16, objects=1, enters=0):
     """Clips where ``objects`` patches are lit (each on one of its own 4 channels, drawn per clip) and each moves
-    one cell a frame, or stays; the box is the cell of one of them, drawn per clip."""
+    one cell a frame, or stays; the box is the cell of one of them, drawn per clip, which is dark before frame
+    ``enters`` (its box there is its first visible one)."""
     feats = 0.1 * torch.randn(n, frames, grid * grid, channels, generator=generator)
     boxes = torch.zeros(n, frames, 4)
     tracked = torch.randint(0, objects, (n,), generator=generator)
@@ -489,7 +490,8 @@ def _moving_patch(n, generator, grid=6, frames=4, channels=16, objects=1):
         channel = 4 * k + torch.randint(0, 4, (n,), generator=generator)
         for t in range(frames):
             x, y = (x0 + vx * t).clamp(0, grid - 1), (y0 + vy * t).clamp(0, grid - 1)
-            feats[torch.arange(n), t, y * grid + x, channel] += 1.0
+            lit = ((tracked != k) | (t >= enters)).float()
+            feats[torch.arange(n), t, y * grid + x, channel] += lit
             box = torch.stack((x / grid, y / grid, (x + 1) / grid, (y + 1) / grid), 1).float()
             boxes[tracked == k, t] = box[tracked == k]
     return dict(features=feats, grid_size=(grid, grid), image_size=(48, 48)), boxes
@@ -522,6 +524,31 @@ def test_track_head_follows_a_moving_object_on_held_out_clips(objects, steps, bo
     keep_first = _mean_iou(boxes[:, :1].expand(-1, 3, 4), boxes[:, 1:])
     assert keep_first < 0.3
     assert _mean_iou(pred[:, 1:], boxes[:, 1:]) > bound
+
+
+def test_track_head_takes_its_template_on_the_frame_of_the_initial_box():
+    """The tracked object enters on frame 1 (a distractor moves from frame 0): with ``init_frames`` the template
+    comes from frame 1, where the initial box shows the object, not from frame 0's empty background."""
+    torch.manual_seed(0)
+    head = build_task_head(dict(type="TrackHead", in_dim=D, visual_dim=16, hidden_dim=32, num_heads=4, num_layers=2))
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    g, query, enter = torch.Generator().manual_seed(1), torch.zeros(16, D), torch.ones(16, dtype=torch.long)
+    valid = torch.tensor([False, True, True, True]).expand(16, 4)
+    for _ in range(500):
+        vis, boxes = _moving_patch(16, g, objects=2, enters=1)
+        out = head(query, vis, init_boxes=boxes[:, 1], init_frames=enter)
+        loss = head.loss(out, dict(boxes=boxes, valid=valid))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vis, boxes = _moving_patch(128, torch.Generator().manual_seed(99), objects=2, enters=1)
+    with torch.no_grad():
+        pred = head.predict(torch.zeros(128, D), vis, init_boxes=boxes[:, 1],
+                            init_frames=torch.ones(128, dtype=torch.long))["boxes"]
+    assert _mean_iou(boxes[:, 1:2].expand(-1, 2, 4), boxes[:, 2:]) < 0.3  # keeping the initial box
+    assert _mean_iou(pred[:, 2:], boxes[:, 2:]) > 0.6
+    with pytest.raises(ValueError, match="init_frames must be"):
+        head(query[:2], _moving_patch(2, g)[0], init_boxes=boxes[:2, 0], init_frames=torch.tensor([0, 4]))
 
 
 def test_box_cell_overlap_by_hand():

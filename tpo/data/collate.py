@@ -583,7 +583,9 @@ class ConversationCollator(_ChatCollator):
                 )
             index = torch.from_numpy(sel)
             if tvalid[index].any():
-                found["tracks"] = {"init_boxes": init, "boxes": tboxes[index], "valid": tvalid[index]}
+                valid = tvalid[index]  # the init box is on the first sampled frame the object is on
+                found["tracks"] = {"init_boxes": init, "init_frames": int(valid.nonzero()[0, 0]),
+                                   "boxes": tboxes[index], "valid": valid}
         return found
 
     # -------------------------------------------------------------- one item
@@ -764,6 +766,7 @@ class ConversationCollator(_ChatCollator):
                 target.update(self._stack_masks([v["masks"] for v in values], [v["frame_valid"] for v in values]))
             else:
                 target["init_boxes"] = torch.stack([v["init_boxes"] for v in values]) if values else torch.zeros(0, 4)
+                target["init_frames"] = torch.tensor([v["init_frames"] for v in values], dtype=torch.long)
                 frames = max((len(v["valid"]) for v in values), default=0)
                 boxes = torch.zeros(len(values), frames, 4)
                 valid = torch.zeros(len(values), frames, dtype=torch.bool)

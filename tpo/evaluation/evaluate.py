@@ -83,7 +83,7 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
             track = _scored_track(item)
             result = model.predict(_question(item), max_new_tokens=max_new_tokens,
                                    input_box=None if track is None else track["init_box"].tolist(),
-                                   head_inputs={"output_size": size}, **media)
+                                   head_inputs=_track_inputs(track, {"output_size": size}), **media)
             return result["text"], result["tasks"]
         return model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
 
@@ -111,6 +111,13 @@ def _scorable(item: dict, task: str | None) -> bool:
     if task == "segmentation":
         return item.get("masks") is not None
     return task == "tracking" and _scored_track(item) is not None
+
+
+def _track_inputs(track: dict | None, inputs: dict) -> dict:
+    """A tracker's box prompt is on the first sampled frame its object is on (``init_frames``)."""
+    if track is None:
+        return inputs
+    return dict(inputs, init_frames=torch.as_tensor(track["valid"]).bool().nonzero()[:1, 0])
 
 
 def _scored_track(item: dict) -> dict | None:

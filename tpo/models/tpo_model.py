@@ -227,6 +227,8 @@ class TPOModel(MultimodalLLM):
             if "init_boxes" not in targets:
                 raise KeyError(f"the {name} head needs batch['task_targets'][{name!r}]['init_boxes']")
             inputs["init_boxes"] = targets["init_boxes"]
+            if "init_frames" in wanted and "init_frames" in targets:
+                inputs["init_frames"] = targets["init_frames"]
         if wanted & {"images", "videos"}:
             media = self._media_list(batch.get("media"), batch["input_ids"].shape[0])
             chosen = [media[b] for b in rows.tolist()]

@@ -65,8 +65,8 @@ class TrackHead(TaskHead):
     patch features with their positions, MLP) refine it. Each token then
     locates the object on its frame: a softmax over the frame's patches, scored
     by ``loc_q(token) . loc_k(patch + position)`` plus a learnt multiple of the
-    cosine between the patch and a template (the first frame's patches under
-    the initial box, so the object is told from others that move too), whose
+    cosine between the patch and a template (the patches under the initial box
+    on its frame, so the object is told from others that move too), whose
     expectation over the patch centres is where it looks; a gate per frame (starting near 0) moves
     the initial box's centre towards that point, and a box MLP adds a small
     offset (``0.1 tanh``) and scales the initial width and height
@@ -77,15 +77,16 @@ class TrackHead(TaskHead):
     now; without the template, a second moving object kept it on the initial
     box too: 0.10 against 0.8-0.9; ``tests/models/test_heads.py``.)
 
-    ``forward(query, visual, init_boxes=[B, 4]) -> {'boxes': [B, T, 4] xyxy}``
-    (``init_boxes``: the object's normalised ``xyxy`` box on the first frame);
+    ``forward(query, visual, init_boxes=[B, 4], init_frames=None) -> {'boxes': [B, T, 4] xyxy}``
+    (``init_boxes``: the object's normalised ``xyxy`` box on frame ``init_frames`` [B] (long; the
+    first frame when not given), where the template is taken);
     ``loss(predictions, {'boxes': [B, T, 4], 'valid'?: [B, T] bool (annotated
     frames), 'ids'?}) -> {'l1', 'giou', 'loss'}``;
     ``postprocess -> {'boxes': [B, T, 4]}`` clipped to [0, 1]."""
 
     task = "tracking"
     requires_visual = True
-    input_keys = ("init_boxes",)
+    input_keys = ("init_boxes", "init_frames")
     target_keys = ("boxes", "valid")
 
     def __init__(
@@ -131,7 +132,8 @@ class TrackHead(TaskHead):
         self.loss_giou = build_loss_module(loss_giou, "loss_giou")
 
     def forward(
-        self, query: Tensor, visual: Mapping[str, Any] | None = None, init_boxes: Tensor | None = None, **inputs: Any
+        self, query: Tensor, visual: Mapping[str, Any] | None = None, init_boxes: Tensor | None = None,
+        init_frames: Tensor | None = None, **inputs: Any
     ) -> dict[str, Tensor]:
         query = self.check_query(query)
         v = self.check_visual(visual, self.visual_dim, query.shape[0])
@@ -145,6 +147,12 @@ class TrackHead(TaskHead):
         init_boxes = init_boxes.to(device=query.device, dtype=self.param_dtype)
         feats, frame_mask = v["features"], v["frame_mask"]
         b, t, n, _ = feats.shape
+        if init_frames is None:
+            init_frames = torch.zeros(b, dtype=torch.long, device=feats.device)
+        init_frames = torch.as_tensor(init_frames, device=feats.device).long().reshape(-1)
+        if init_frames.shape[0] != b or bool(((init_frames < 0) | (init_frames >= frame_mask.sum(1))).any()):
+            raise ValueError(f"{self.name}: init_frames must be [B] = [{b}] frame indices of each video's frames, "
+                             f"got {init_frames.tolist()} for {frame_mask.sum(1).tolist()} frames")
         patches = self.feature_proj(feats).reshape(b * t, n, self.hidden_dim)
         patch_pos = grid_sine_embedding(v["grid_size"], self.hidden_dim, device=feats.device).to(patches.dtype)
         time_pos = sine_embedding(frame_times(frame_mask), self.hidden_dim).to(patches.dtype)
@@ -157,7 +165,8 @@ class TrackHead(TaskHead):
         # plus how much each patch looks like what the initial box held on the first frame (cosine, learnt scale)
         look = nn.functional.normalize(self.match_proj(patches.reshape(b, t, n, -1)), dim=-1)
         cover = box_cell_overlap(init_boxes, v["grid_size"]).to(look.dtype)  # [B, N], rows sum to 1
-        template = nn.functional.normalize(torch.einsum("bn,bnd->bd", cover, look[:, 0]), dim=-1)
+        first = look[torch.arange(b, device=look.device), init_frames]  # [B, N, D]: the frame the box is on
+        template = nn.functional.normalize(torch.einsum("bn,bnd->bd", cover, first), dim=-1)
         where = where + self.match_scale * torch.einsum("bd,btnd->btn", template, look)
         found = where.softmax(-1) @ grid_centres(v["grid_size"], feats.device).to(where.dtype)  # [B, T, 2] (x, y)
         init = box_xyxy_to_cxcywh(init_boxes)[:, None]  # [B, 1, 4]
