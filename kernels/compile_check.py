@@ -178,7 +178,7 @@ def _programs_per_sm(arch: Arch, registers: int, shared: int, threads: int) -> i
 
 
 @contextlib.contextmanager
-def _recording(arch: int, builds: list[KernelBuild], case: list[str], seen: dict[str, int]) -> Iterator[None]:
+def _recording(arch: int, builds: list[KernelBuild], case: list[str]) -> Iterator[None]:
     """Every op's kernels replaced by recorders compiling for ``arch``, planned for its SM count."""
     from triton.runtime import driver
 
@@ -198,7 +198,6 @@ def _recording(arch: int, builds: list[KernelBuild], case: list[str], seen: dict
             programs_per_sm=_programs_per_sm(spec, regs, shared, 32 * warps),
             tensor_cores=_matrix_instructions(compiled.asm.get("ptx", "")),
         ))
-        seen[fn.__name__] = seen.get(fn.__name__, 0) + 1
 
     previous = getattr(driver, "_active", None)  # not driver.active: that would look for a GPU
     try:
@@ -303,15 +302,14 @@ def compile_launches(arch: int = 90, names: Sequence[str] | None = None) -> list
     if unknown:
         raise KeyError(f"tpo.kernels.compile_check: unknown cases {unknown}; known: {list(all_cases)}")
     builds: list[KernelBuild] = []
-    seen: dict[str, int] = {}
     current = [""]
-    with _recording(arch, builds, current, seen):
+    with _recording(arch, builds, current):
         for name in chosen:
             current[0] = name
             all_cases[name]()
     if names is None:
         kernels = {k for m in _OPS for k in _jit_kernels(importlib.import_module(m))}
-        missed = sorted(kernels - set(seen))
+        missed = sorted(kernels - {b.kernel for b in builds})
         if missed:
             raise RuntimeError(f"tpo.kernels.compile_check: no case launches {missed}; add one to cases()")
     return builds

@@ -220,15 +220,16 @@ def prepare_experiment(config, cfg_options: Mapping[str, Any] | None = None, wor
 
 def execute_experiment(plan: Mapping[str, Any]) -> dict:
     """Train (or reuse) and evaluate every run of a :func:`prepare_experiment` plan."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(plan["threads"] or before)
+    plan = dict(plan)
+    threads, before = plan.pop("threads"), torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         return _execute(**plan)
     finally:
         torch.set_num_threads(before)
 
 
-def _execute(root: Path, synth_dir: Path, runs, steps, split: str, eval_cfg, threads, started: float) -> dict:
+def _execute(root: Path, synth_dir: Path, runs, steps, split: str, eval_cfg, started: float) -> dict:
     from tpo.data.datasets import SampleDataset
     from tpo.evaluation import evaluate, evaluate_trivial
     from tpo.models.utils import load_model_weights

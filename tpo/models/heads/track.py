@@ -16,11 +16,11 @@ from .base import (
     TaskHead,
     as_target_tensor,
     batch_size_check,
+    box_cell_overlap,
     build_loss_module,
     check_nonneg_float,
     check_positive_int,
     frame_times,
-    box_cell_overlap,
     grid_centres,
     grid_sine_embedding,
     require_target,
@@ -163,7 +163,7 @@ class TrackHead(TaskHead):
         h = self.out_norm(tokens)  # [B, T, D]
         keys = self.loc_k(patches + patch_pos).reshape(b, t, n, self.hidden_dim)
         where = torch.einsum("btd,btnd->btn", self.loc_q(h), keys) * self.hidden_dim**-0.5
-        # plus how much each patch looks like what the initial box held on the first frame (cosine, learnt scale)
+        # plus how much each patch looks like what the initial box held on its frame (cosine, learnt scale)
         look = nn.functional.normalize(self.match_proj(patches.reshape(b, t, n, -1)), dim=-1)
         cover = box_cell_overlap(init_boxes, v["grid_size"]).to(look.dtype)  # [B, N], rows sum to 1
         first = look[torch.arange(b, device=look.device), init_frames]  # [B, N, D]: the frame the box is on
