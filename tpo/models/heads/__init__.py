@@ -1,12 +1,12 @@
 """Task heads: the LLM's hidden state at a task token -> boxes, spans, masks,
 tracks. Importing this package registers them all in ``tpo.registry.TASK_HEADS``
-(``RegionHead``, ``SpanHead``, ``MomentDETRHead``, ``MaskDecoderHead``,
+(``RegionHead``, ``RegionDecoderHead``, ``SpanHead``, ``MomentDETRHead``, ``MaskDecoderHead``,
 ``Sam2MaskHead``, ``TrackHead``, and the prompt encoder ``BoxEncoder``)."""
 
 from .base import TaskHead
 from .box_encoder import BoxEncoder
 from .mask import MaskDecoderHead, Sam2MaskHead
-from .region import RegionHead
+from .region import RegionDecoderHead, RegionHead
 from .temporal import MomentDETRHead, SpanHead
 from .track import TrackHead
 
@@ -14,6 +14,7 @@ __all__ = [
     "BoxEncoder",
     "MaskDecoderHead",
     "MomentDETRHead",
+    "RegionDecoderHead",
     "RegionHead",
     "Sam2MaskHead",
     "SpanHead",
