@@ -103,6 +103,34 @@ def test_each_reference_mode_trains(tmp_path, reference, overrides):
         assert table["v-0"] == pytest.approx((untrained[0].item(), untrained[2].item()), abs=1e-4)
 
 
+def test_precomputed_reference_of_a_lora_model_is_the_adapter_reference(tmp_path):
+    """On a LoRA model, the precomputed log-probs are those of the 'adapter'
+    reference: adapters off, the other trained parameters at their initial
+    values (the policy moves between building the algorithm and setup here)."""
+    from accelerate import Accelerator
+
+    from tpo.algorithms.base import SetupContext
+
+    model = _model(**LORA)
+    with torch.no_grad():  # a LoRA SFT checkpoint: the adapters are not zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    pre, adapter = _dpo(model, reference="precomputed"), _dpo(model, reference="adapter")
+    with torch.no_grad():
+        model.projector.mlp[2].weight.mul_(1.5)
+    items = pair_items(2)
+    collate = preference_collator(model.processor)
+    pre.setup(SetupContext(accelerator=Accelerator(cpu=True), work_dir=str(tmp_path), train_dataset=items,
+                           val_dataset=None, collate_fn=collate, batch_size=2, fingerprint="x"))
+    batch = collate(items)
+    want, _ = adapter.sequence_logps(batch, reference=True)
+    got, _ = pre.sequence_logps(batch, reference=True)  # read from the table
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    policy, _ = pre.sequence_logps(batch)
+    assert not torch.allclose(got, policy, atol=1e-3)
+
+
 def test_precomputed_cache_is_reused_and_keyed(tmp_path, monkeypatch):
     _train(tmp_path, {"type": "DPO", "reference": "precomputed"}, steps=1, val=False)
     calls = []

@@ -1,13 +1,14 @@
 """The MLLM in TPO mode: task tokens, heads, named losses, gradients,
-memorisation, predict, user-defined heads, bad input."""
+memorisation, predict, user-defined heads, bad input, the pixels a SAM2 head reads."""
 from pathlib import Path
 
 import pytest
 import torch
+from sam2_testkit import tiny_sam2_config
+from tpo.registry import TASK_HEADS, build_model, load_config
 
 from tpo.models.mllm import IGNORE_INDEX
 from tpo.models.tpo_model import BOX_TOKEN, task_tokens
-from tpo.registry import TASK_HEADS, build_model, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tpo" / "timm_mlp_llama.py"
@@ -285,3 +286,28 @@ def test_generation_never_emits_input_only_tokens():
     assert new[0].tolist() == [model.tokenizer.eos_token_id]  # what chat decodes
     # a caller may still ask for other suppressions
     assert model.predict("Where is it?", video=video, max_new_tokens=3, suppress_tokens=[])["token_ids"][0] in banned
+
+
+def _sam2_tpo_model(**head):
+    cfg = load_config(CONFIG).to_dict()["model"]
+    sam = dict(type="Sam2MaskHead", sam2_config=tiny_sam2_config(), adapter_hidden_dim=16, **head)
+    cfg["tasks"] = {"mask": {"head": sam}}
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_a_sam2_head_reads_the_pixels_as_the_encoder_normalised_them():
+    model = _sam2_tpo_model()
+    head, encoder = model.heads["mask"], model.vision_encoder
+    assert head.input_mean.flatten().tolist() == pytest.approx(encoder.image_mean)
+    assert head.input_std.flatten().tolist() == pytest.approx(encoder.image_std)
+    plain = torch.tensor([0.2, 0.5, 0.8]).view(3, 1, 1).expand(3, 32, 32)  # a flat colour in [0, 1]
+    media = model.processor.prepare_media(plain, "image")  # as batch["media"] holds it
+    inputs = model._head_inputs("mask", head, torch.tensor([0]), {"input_ids": torch.zeros(1, 1, dtype=torch.long),
+                                                                  "media": [media]})
+    seen, *_ = head._pixels(inputs["images"], None)
+    want = (plain[:, :1, :1] - head.sam_mean) / head.sam_std  # what SAM2 must see for that colour
+    torch.testing.assert_close(seen.mean((0, 2, 3)), want.flatten(), rtol=0, atol=1e-4)
+    _sam2_tpo_model(input_mean=encoder.image_mean)  # the encoder's own values are fine
+    with pytest.raises(ValueError, match=r"model\.tasks\.mask\.head\.input_std: \(1, 1, 1\).*image_std=\(0\.5"):
+        _sam2_tpo_model(input_std=(1, 1, 1))

@@ -1,6 +1,7 @@
 """PPO: GAE and the helpers against plain references, one rollout's shaping
 (KL penalty, the paper's penalties), the epochs over each batch of rollouts,
-LoRA adapters as the reference, and exact resume through the engine."""
+the initial LoRA policy with its adapters off as the reference, and exact resume through the engine."""
+import copy
 import json
 
 import pytest
@@ -152,12 +153,16 @@ def test_lora_policy_with_adapters_off_as_reference(rm_checkpoint, prompts):
                 p.normal_(std=0.5)
     algo = make_ppo(rm_checkpoint, policy=policy, reference="adapter")
     assert "reference" not in algo._frozen  # no second copy
+    initial = copy.deepcopy(policy)
     batch = algo.build_collator()([prompts[i] for i in range(4)])
     chunk = algo.rollout(batch)
+    with torch.no_grad():  # training moves the policy's other trained parameters (the projector) too
+        for p in policy.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
     seq = {k: chunk[k] for k in ("input_ids", "attention_mask", "media", "ids")}
     ref = algo._reference_logps(seq, chunk["prompt_len"], chunk["response"], chunk["mask"])
-    with policy.llm.model.disable_adapter():
-        base, _ = algo._token_logps(policy, seq, chunk["prompt_len"], chunk["response"], chunk["mask"])
+    with initial.llm.model.disable_adapter():  # the reference: the initial policy's base
+        base, _ = algo._token_logps(initial, seq, chunk["prompt_len"], chunk["response"], chunk["mask"])
     torch.testing.assert_close(ref, base)
     assert not torch.allclose(ref * chunk["mask"], chunk["logps"])
     with pytest.raises(ValueError, match="algorithm.reference: 'adapter'"):

@@ -48,6 +48,19 @@ def test_rewards_are_the_head_on_the_last_answer_token(reward_model):
         reward_model(no_answer)
 
 
+def test_a_bf16_llm_is_scored_by_the_float32_head():
+    from tpo.data import PreferenceCollator
+
+    torch.manual_seed(0)
+    model = build_model(reward_model_config(**{"llm.torch_dtype": "bfloat16"}))
+    assert model.value_head.weight.dtype == torch.float32
+    out = model(PreferenceCollator(model.processor)(preference_items(2)))
+    assert out["hidden_states"].dtype == torch.bfloat16 and out["values"].dtype == torch.float32
+    torch.testing.assert_close(out["values"], model.value_head(out["hidden_states"].float()).squeeze(-1))
+    out["rewards"].sum().backward()
+    assert model.value_head.weight.grad is not None
+
+
 def test_lora_reward_model_from_an_sft_checkpoint(tmp_path):
     torch.manual_seed(0)
     sft = build_model(policy_config())

@@ -309,3 +309,42 @@ def count_label_tokens(model: nn.Module, batch: Mapping[str, Any]) -> int:
 
 def without_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class AdapterReference:
+    """The initial model of a LoRA model, without a second copy of its LLM:
+    the model with its LoRA adapters disabled (peft's ``disable_adapter()``)
+    and every other parameter that trains (a projector, task heads) replaced
+    by a frozen snapshot of its value when this was made
+    (``torch.func.functional_call``). Not a module: an algorithm keeps it out
+    of its module tree (never trained, wrapped or saved).
+
+    ``reference(fn, *args)`` returns ``fn(model, *args)`` computed by that
+    initial model; any tensor ``fn`` reads off the model (the LM head's
+    weight, say) is the initial one.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad and ".lora_" not in n}
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        device = next(self.model.parameters()).device
+        for name, value in self.params.items():
+            if value.device != device:
+                self.params[name] = value.to(device)
+        with self.model.llm.model.disable_adapter():
+            return torch.func.functional_call(_Apply(self.model, fn), {f"model.{n}": v for n, v in self.params.items()},
+                                              args)
+
+
+class _Apply(nn.Module):
+    """``fn(model, *args)`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(self.model, *args)

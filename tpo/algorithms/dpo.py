@@ -18,8 +18,10 @@ reference is
   initial values (``torch.func.functional_call``), so the reference is exactly
   the initial model,
 * ``"precomputed"``: per-sequence log-probs computed once over the training
-  and validation sets before training (adapters disabled on a LoRA model) and
-  cached in ``<work_dir>/ref_logps.pt``,
+  and validation sets before training and cached in
+  ``<work_dir>/ref_logps.pt``; their model is the initial model, on a LoRA
+  model the same as ``"adapter"``'s (adapters disabled, the other trained
+  parameters at their initial values),
 * ``"none"``: only for reference-free losses (SimPO, CPO, ORPO,
   ``DPOLoss(reference_free=True)``); such losses never build a reference.
 
@@ -43,6 +45,7 @@ from tpo.registry import ALGORITHMS, LOSSES, current_config_key
 
 from .base import (
     IGNORE_INDEX,
+    AdapterReference,
     Algorithm,
     SetupContext,
     _where,
@@ -105,7 +108,8 @@ class DPO(Algorithm):
         if needs and reference == "none":
             raise ValueError(f"{current_config_key('reference')}: {type(self.loss_fn.loss).__name__} needs a "
                              "reference; use 'copy', 'adapter' or 'precomputed', or a reference-free loss")
-        if reference == "adapter" and not getattr(getattr(model, "llm", None), "uses_lora", False):
+        uses_lora = getattr(getattr(model, "llm", None), "uses_lora", False)
+        if reference == "adapter" and not uses_lora:
             raise ValueError(f"{current_config_key('reference')}: 'adapter' disables the LoRA adapters, but the model "
                              "has none; set model.llm.lora=dict(r=..., target_modules=[...]) or use 'copy'")
         self.reference = reference if needs else "none"
@@ -116,10 +120,8 @@ class DPO(Algorithm):
             ref.requires_grad_(False)
             ref.eval()
             self._frozen["model"] = ref
-        elif self.reference == "adapter":
-            # the trained parameters that disabling the adapters does not undo
-            self._frozen["params"] = {n: p.detach().clone() for n, p in model.named_parameters()
-                                      if p.requires_grad and ".lora_" not in n}
+        elif self.reference == "adapter" or (self.reference == "precomputed" and uses_lora):
+            self._frozen["adapter"] = AdapterReference(model)
         self.ref_logps: dict[Any, tuple[float, float]] | None = None
 
     # ------------------------------------------------------------ reference
@@ -132,31 +134,12 @@ class DPO(Algorithm):
                 ref.to(device)
         return ref
 
-    def _adapters_off(self):
-        return self.model.llm.model.disable_adapter()
-
-    def _initial_params(self) -> dict[str, torch.Tensor]:
-        params = self._frozen.get("params", {})
-        device = next(self.model.parameters()).device
-        for name, value in params.items():
-            if value.device != device:
-                params[name] = value.to(device)
-        return params
-
-    def _adapter_reference(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, nn.Module, dict]:
-        """Hidden states of the initial model (adapters off, other trained
-        parameters at their initial values), the head, and those values."""
-        params = self._initial_params()
-        with self._adapters_off():
-            hidden = torch.func.functional_call(self.model, params, (dict(inputs),))["hidden_states"]
-        return hidden, self.model.llm.get_output_embeddings(), params
-
-    def _head_of(self, head: nn.Module, params: Mapping[str, torch.Tensor]):
-        """(weight, bias) of ``head``, replaced by their initial values when they train."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        weight = params.get(names.get(id(head.weight), ""), head.weight)
-        bias = None if head.bias is None else params.get(names.get(id(head.bias), ""), head.bias)
-        return weight, bias
+    def _reference_forward(self, inputs: Mapping[str, Any]):
+        """``(hidden states, LM head weight, bias)`` of the reference model."""
+        adapter = self._frozen.get("adapter")
+        if adapter is not None:
+            return adapter(_hidden_and_head, inputs)
+        return _hidden_and_head(self.ref_model if self.reference == "copy" else self.model, inputs)
 
     def _reference_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Keyword arguments of the preference loss that carry the reference."""
@@ -166,14 +149,7 @@ class DPO(Algorithm):
             chosen, rejected = self.lookup_ref_logps(batch)
             return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
         with torch.no_grad():
-            if self.reference == "copy":
-                ref = self.ref_model
-                hidden = ref(without_labels(batch))["hidden_states"]
-                head = ref.llm.get_output_embeddings()
-                weight, bias = head.weight, head.bias
-            else:
-                hidden, head, params = self._adapter_reference(without_labels(batch))
-                weight, bias = self._head_of(head, params)
+            hidden, weight, bias = self._reference_forward(without_labels(batch))
         return {"ref_hidden": hidden[:, :-1].detach(), "ref_weight": weight.detach(),
                 "ref_bias": None if bias is None else bias.detach()}
 
@@ -229,15 +205,8 @@ class DPO(Algorithm):
         if reference and self.reference == "precomputed" and self.ref_logps is not None:
             chosen, rejected = self.lookup_ref_logps(batch)
             return torch.cat([chosen, rejected]), (labels != IGNORE_INDEX).sum(-1)
-        if reference and self.reference == "adapter":
-            hidden, head, params = self._adapter_reference(inputs)
-            weight, bias = self._head_of(head, params)
-        else:
-            # (before training, the precomputed reference is computed from the model as it is)
-            model = self.ref_model if reference and self.reference == "copy" else self.model
-            hidden = model(inputs)["hidden_states"]
-            head = model.llm.get_output_embeddings()
-            weight, bias = head.weight, head.bias
+        # (before training, a precomputed reference of a model without LoRA is the model as it is)
+        hidden, weight, bias = self._reference_forward(inputs) if reference else _hidden_and_head(self.model, inputs)
         out = fused_linear_logprob(hidden[:, :-1], weight, labels, bias, ignore_index=IGNORE_INDEX,
                                    reduction="sum", backend=backend)
         return out.logps.float(), out.counts
@@ -245,6 +214,7 @@ class DPO(Algorithm):
     def setup(self, context: SetupContext) -> None:
         if self.reference == "precomputed":
             self.ref_logps = self.precompute_ref_logps(context)
+            self._frozen.pop("adapter", None)  # the initial values are not needed any more
 
     @torch.no_grad()
     def precompute_ref_logps(self, context: SetupContext) -> dict[Any, tuple[float, float]]:
@@ -328,6 +298,11 @@ class DPO(Algorithm):
                 raise TypeError(f"{key}.loss: must be a preference loss config dict with a 'type', got {loss!r}"
                                 f"{_where(source)}")
             check_component(LOSSES, loss, f"{key}.loss", source)
+
+
+def _hidden_and_head(model: nn.Module, inputs: Mapping[str, Any]):
+    head = model.llm.get_output_embeddings()
+    return model(dict(inputs))["hidden_states"], head.weight, head.bias
 
 
 def eager_sequence_logps(hidden, weight, bias, labels):

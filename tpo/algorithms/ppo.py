@@ -42,8 +42,9 @@ on its first update, so give PPO models no dropout (as TRL advises).
 
 Log-probs come from the fused linear log-prob kernel (no ``[tokens, vocab]``
 logits; the sampling temperature divides the logits). LoRA: with
-``reference="adapter"`` the reference is the policy with its adapters
-disabled, no second copy of the weights.
+``reference="adapter"`` the reference is the initial policy without a second
+copy of the LLM: the policy with its adapters disabled and its other trained
+parameters (the projector, ...) at their initial values (as DPO's).
 
 Metrics (TRL's PPO names): ``objective/scores`` (score after penalties),
 ``objective/rm_scores``, ``objective/kl``, ``objective/kl_coef``,
@@ -68,7 +69,7 @@ from torch import nn
 from tpo.kernels import fused_linear_logprob
 from tpo.registry import ALGORITHMS, build_model, current_config_key
 
-from .base import IGNORE_INDEX, Algorithm, _where, group_parameters
+from .base import IGNORE_INDEX, AdapterReference, Algorithm, _where, group_parameters
 
 REFERENCES = ("copy", "adapter")
 KL_ESTIMATORS = ("k1", "k3")
@@ -138,7 +139,8 @@ class PPO(Algorithm):
         value_model: ``None`` (a copy of the reward model, trainable as its
             config says: LoRA or full) or a dict like ``reward_model``.
         reference: ``"copy"`` (a frozen copy of the initial policy) or
-            ``"adapter"`` (the LoRA policy with its adapters disabled).
+            ``"adapter"`` (the LoRA policy with its adapters disabled and its
+            other trained parameters at their initial values).
         init_from: a checkpoint (e.g. the SFT run's) for the policy's weights,
             read across a LoRA wrapper (the engine's ``load_from`` needs
             identical names).
@@ -224,12 +226,14 @@ class PPO(Algorithm):
         rm.eval()
         self.value_model = value
         # kept out of the module tree: never trained, wrapped or saved
-        self._frozen: dict[str, nn.Module] = {"reward_model": rm}
+        self._frozen: dict[str, Any] = {"reward_model": rm}
         if reference == "copy":
             ref = copy.deepcopy(model)
             ref.requires_grad_(False)
             ref.eval()
             self._frozen["reference"] = ref
+        else:
+            self._frozen["adapter"] = AdapterReference(model)
         self._rollouts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []  # this step's, per micro-batch
         self._update, self._slot = 0, 0
 
@@ -295,8 +299,7 @@ class PPO(Algorithm):
     def _reference_logps(self, seq, prompt_len, response, mask):
         if self.reference == "copy":
             return self._token_logps(self._frozen_model("reference"), seq, prompt_len, response, mask)[0]
-        with self.model.llm.model.disable_adapter():
-            return self._token_logps(self.model, seq, prompt_len, response, mask)[0]
+        return self._frozen["adapter"](self._token_logps, seq, prompt_len, response, mask)[0]
 
     def _values(self, model: nn.Module, seq: dict[str, Any], prompt_len: int) -> torch.Tensor:
         last = seq["attention_mask"].shape[1] - 1

@@ -166,7 +166,8 @@ class RewardModel(MultimodalLLM):
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, batch.get("media"), batch.get("ids"))
         hidden = self.decode(embeds, attention_mask)
-        values = self.value_head(hidden).squeeze(-1).float()
+        # the head keeps its own dtype (float32 under a bf16/fp16 LLM), as the task heads do
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         positions = score_positions(batch, attention_mask)
         rewards = values.gather(1, positions[:, None]).squeeze(1)
         return {"rewards": rewards, "values": values, "hidden_states": hidden, "score_positions": positions}

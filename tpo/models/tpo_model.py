@@ -15,6 +15,7 @@ text and, whenever a begin token is emitted, runs that task's head.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -28,6 +29,13 @@ from tpo.registry import MODELS, TASK_HEADS, build_child, current_config_key
 from .mllm import IGNORE_INDEX, MultimodalLLM
 
 
+def _same_numbers(given: Any, want: tuple[float, ...]) -> bool:
+    try:
+        return len(given) == len(want) and all(math.isclose(float(a), b, abs_tol=1e-6) for a, b in zip(given, want))
+    except (TypeError, ValueError):
+        return False
+
+
 @MODELS.register_module()
 class TPOModel(MultimodalLLM):
     """A :class:`MultimodalLLM` with task tokens and task heads.
@@ -36,7 +44,10 @@ class TPOModel(MultimodalLLM):
         tasks: ``{name: dict(head=dict(type=...), annotation="boxes", weight=1.0)}``;
             ``annotation`` (which sample field trains the head) defaults by name
             (region: boxes, temporal: spans, mask: masks, track: tracks);
-            ``weight`` scales the head's total loss.
+            ``weight`` scales the head's total loss. A head that reads the
+            images or videos (a ``Sam2MaskHead``) gets them as the vision
+            encoder normalised them: its ``input_mean``/``input_std`` default
+            to the encoder's ``image_mean``/``image_std``.
         assign_weight: weight of the task-assignment loss, reported apart
             from ``lm``: the LM loss at the task decisions the collator marks
             in ``batch["assign_mask"]`` (each begin token, and in answers
@@ -85,6 +96,8 @@ class TPOModel(MultimodalLLM):
             defaults = {"in_dim": hidden}
             if getattr(head_cls, "requires_visual", False):
                 defaults["visual_dim"] = visual_dim
+            if {"images", "videos"} & set(getattr(head_cls, "input_keys", ())):
+                defaults.update(self._pixel_normalisation(name, head_cfg))
             self.heads[name] = build_child(head_cfg, TASK_HEADS, f"tasks.{name}.head", default_args=defaults)
         # learnable task embeddings, initialised at the mean token embedding
         table = self.llm.get_input_embeddings().weight
@@ -104,6 +117,24 @@ class TPOModel(MultimodalLLM):
         self.begin_ids = {name: vocab(task_tokens(name)[0]) for name in self.task_specs}
         self.query_ids = {name: vocab(task_tokens(name)[1]) for name in self.task_specs}
         self.box_token_id = vocab(BOX_TOKEN)
+
+    def _pixel_normalisation(self, name: str, head_cfg: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
+        """``input_mean``/``input_std`` of a head that reads the images or
+        videos: the batch holds them as the vision encoder normalised them, so
+        the encoder's ``image_mean``/``image_std``; a head config that gives
+        other values is an error."""
+        encoder = self.vision_encoder
+        out = {}
+        for key, value in (("input_mean", encoder.image_mean), ("input_std", encoder.image_std)):
+            given = head_cfg.get(key)
+            if given is not None and not _same_numbers(given, value):
+                raise ValueError(
+                    f"{current_config_key(f'tasks.{name}.head.{key}')}: {given!r}, but the head reads the pixels "
+                    f"as the vision encoder normalised them, with {key.replace('input', 'image')}={tuple(value)}; "
+                    f"leave {key} out (it defaults to the encoder's) or give the encoder's"
+                )
+            out[key] = tuple(value)
+        return out
 
     def extra_special_tokens(self) -> list[str]:
         return [tok for name in self.task_specs for tok in task_tokens(name)] + [BOX_TOKEN]

@@ -239,7 +239,8 @@ class Sam2MaskHead(MaskLossMixin, TaskHead):
 
     Inputs: ``images [B, 3, H, W]`` or ``videos [B, T, 3, H, W]`` keyword
     arguments of ``forward`` (``visual`` is not used): pixels normalised with
-    ``input_mean``/``input_std`` (default: plain [0, 1] pixels); the head
+    ``input_mean``/``input_std`` (default: plain [0, 1] pixels; in a
+    ``TPOModel``, the vision encoder's ``image_mean``/``image_std``); the head
     un-normalises, resizes them to SAM2's square ``image_size`` and normalises
     with SAM2's ``sam_mean``/``sam_std``. The logits come back at the input's
     ``H x W`` (or ``output_size``).
