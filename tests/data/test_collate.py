@@ -284,7 +284,9 @@ def _expected_annotations(item, sel):
             found["mask"] = {"masks": masks, "frame_valid": valid}
     if item["tracks"] and item["tracks"][0]["valid"][sel].any():
         t = item["tracks"][0]
-        found["track"] = {"init_boxes": t["init_box"], "boxes": t["boxes"][sel], "valid": t["valid"][sel]}
+        first = int(t["valid"][sel].nonzero()[0, 0])  # the box prompt: the track's box on its first sampled frame
+        found["track"] = {"init_boxes": t["boxes"][sel][first], "init_frames": first,
+                          "boxes": t["boxes"][sel], "valid": t["valid"][sel]}
     return found
 
 
@@ -326,7 +328,7 @@ def test_task_tokens_labels_and_targets_line_up(model, items):
                 assert target["sizes"][i].tolist() == list(want["masks"].shape[-2:])
             else:
                 assert torch.equal(target["init_boxes"][i], want["init_boxes"])
-                assert target["init_frames"][i] == int(want["valid"].nonzero()[0, 0])  # where the box prompt is
+                assert target["init_frames"][i] == want["init_frames"]  # where the box prompt is
                 assert torch.equal(target["boxes"][i], want["boxes"]) and torch.equal(target["valid"][i], want["valid"])
     # a region box on a video points at the sampled frame it was annotated on
     for i, b in enumerate(batch["task_targets"]["region"]["index"].tolist()):
@@ -384,6 +386,22 @@ def test_annotations_empty_on_the_sampled_frames_add_no_task_tokens(model):
     assert batch["task_targets"]["mask"]["frame_valid"].tolist() == [[True] * 4]
     assert batch["task_targets"]["mask"]["masks"][0].flatten(1).any(1).tolist() == [False, True, False, True]
     assert batch["task_targets"]["track"]["valid"].tolist() == [[False, True, False, False]]
+    finite_loss(model, batch)
+
+
+def test_the_box_prompt_is_the_tracks_box_on_its_first_sampled_frame(model):
+    """Sampled frames 1, 3, 5, 7 of 8: an object that moves from frame 0 on, its init_box (on frame 0, not
+    sampled) is not the prompt; its box on frame 1 (position 0) is, in the targets and in input_boxes alike."""
+    boxes = torch.tensor([[0.1 * t, 0.1, 0.1 * t + 0.2, 0.3] for t in range(8)])
+    item = {"id": "mover", "media_type": "video", "media": torch.zeros(8, 3, 24, 24, dtype=torch.uint8),
+            "conversations": [{"from": "human", "value": "<video>\nTrack it."}, {"from": "gpt", "value": "Done."}],
+            "tracks": [{"object": None, "init_frame": 0, "init_box": boxes[0], "boxes": boxes,
+                        "valid": torch.ones(8, dtype=torch.bool)}]}
+    batch = ConversationCollator(model.processor, tasks=TASKS)([item])
+    target = batch["task_targets"]["track"]
+    assert target["init_frames"].tolist() == [0] and torch.equal(target["init_boxes"], boxes[1][None])
+    assert torch.equal(batch["input_boxes"], boxes[1][None])
+    assert torch.equal(target["boxes"][0], boxes[[1, 3, 5, 7]])
     finite_loss(model, batch)
 
 

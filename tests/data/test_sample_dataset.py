@@ -63,6 +63,11 @@ def test_boxes_masks_tracks_on_sampled_frames(dataset, helpers):
             ys, xs = np.nonzero(pix[t])
             assert torch.allclose(box, torch.tensor([xs.min() / 64, ys.min() / 64, (xs.max() + 1) / 64,
                                                      (ys.max() + 1) / 64], dtype=torch.float32))
+        if item["media_type"] == "video":  # every box, sampled or not, by its source frame
+            source = item["source_box_frames"].tolist()
+            assert source == sorted(source) and len(source) >= len(present)
+            sampled = [source.index(int(item["frame_indices"][t])) for t in item["box_frames"]]
+            assert torch.equal(item["source_boxes"][sampled], item["boxes"])
     for item in items_of(dataset, "segmentation"):
         pix = pixels(item, helpers, item["meta"]["object"])
         assert torch.equal(item["masks"], torch.from_numpy(pix if item["media_type"] == "video" else pix[0]))

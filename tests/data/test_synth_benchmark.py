@@ -3,14 +3,27 @@
 generator's internal state."""
 import hashlib
 import json
+import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
 from tpo.data.schema import decode_mask, load_samples
-from tpo.data.synth import COLORS, describe, main, make_scene, synthesize
+from tpo.data.synth import (
+    COLORS,
+    REGIONS,
+    describe,
+    fmt_time,
+    main,
+    make_scene,
+    mask_box,
+    region_of,
+    stencil,
+    synthesize,
+)
 from tpo.data.video import frame_timestamps, span_frame_mask
 
 
@@ -25,8 +38,17 @@ def tight_box(mask):
     return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
 
 
-def fmt(x):
-    return f"{x:.2f}"
+TIME = r"(\d\.\d+)"
+
+
+def frame_at(time, T):
+    """The frame that holds a written time (frame i covers [i/T, (i+1)/T), tpo.data.video)."""
+    return math.floor(Fraction(time) * T)
+
+
+def frames_in(start, end, T):
+    """The frames a written span holds (their centres lie in it, tpo.data.video)."""
+    return np.flatnonzero(span_frame_mask((float(start), float(end)), frame_timestamps(np.arange(T), T))).tolist()
 
 
 class Pixels:
@@ -186,10 +208,35 @@ def test_spans_match_the_frames_of_the_event(bench, pixels):
             assert frames == list(range(frames[0], frames[-1] + 1))
         (span,) = s["spans"]
         assert span == [frames[0] / px.T, (frames[-1] + 1) / px.T]
-        inside = span_frame_mask(span, frame_timestamps(np.arange(px.T), px.T))
-        assert np.flatnonzero(inside).tolist() == frames
+        assert frames_in(*span, px.T) == frames
+        # the answer's text: the same frames, its start inside the first and its end inside the last or on its end
+        start, end = re.fullmatch(rf"From {TIME} to {TIME}\.", s["conversations"][1]["value"]).groups()
+        assert frames_in(start, end, px.T) == frames
+        assert frame_at(start, px.T) == frames[0] and frames[-1] / px.T < float(end) <= span[1]
         kinds.add(kind)
     assert kinds == {"visible", "enter", "leave", "move"}
+
+
+@pytest.mark.parametrize("T", [4, 7, 8, 30, 50, 51, 300])
+def test_written_times_lie_in_the_frame_they_describe(T):
+    """A frame's start is written inside it, its end inside it or on its end, and a span so written holds
+    the frames of the exact span [a/T, (b+1)/T]."""
+    for i in range(T):
+        assert frame_at(fmt_time(i, T), T) == i
+        assert Fraction(i, T) < Fraction(fmt_time(i, T, end=True)) <= Fraction(i + 1, T)
+    for a, b in [(0, T - 1), (1, 1), (1, T // 2), (T // 2, T - 2)]:
+        assert frames_in(fmt_time(a, T), fmt_time(b, T, end=True), T) == list(range(a, b + 1))
+
+
+def test_regions_are_those_of_the_shapes_box_centre():
+    """A shape centred on pixel c has its box centred at c + 0.5: the region is the cell that holds that."""
+    size, r = 64, 6
+    for c in range(r, size - r):
+        m = np.zeros((size, size), bool)
+        m[c - r:c + r + 1, c - r:c + r + 1] = stencil("square", r)
+        x1, y1, x2, y2 = mask_box(m)
+        col, row = min(2, int(1.5 * (x1 + x2))), min(2, int(1.5 * (y1 + y2)))
+        assert region_of(c, c, size, size) == REGIONS[3 * row + col], c
 
 
 def test_descriptions_mention_every_event(bench, pixels):
@@ -212,15 +259,17 @@ def test_descriptions_mention_every_event(bench, pixels):
             if present[0] == 0:
                 assert re.search(rf"^At the start, the {color} \w+ is at the [a-z ]+\.$", text, re.M), (color, text)
             else:
-                assert re.search(rf"^At {fmt(present[0] / px.T)}, the {color} \w+ enters at", text, re.M), (color, text)
+                m = re.search(rf"^At {TIME}, the {color} \w+ enters at", text, re.M)
+                assert m and frame_at(m.group(1), px.T) == present[0], (color, text)
             if present[-1] < px.T - 1:
-                assert re.search(rf"^At {fmt((present[-1] + 1) / px.T)}, the {color} \w+ leaves", text, re.M), text
+                m = re.search(rf"^At {TIME}, the {color} \w+ leaves", text, re.M)
+                assert m and frame_at(m.group(1), px.T) == present[-1] + 1, (color, text)
             moving = px.moving_frames(color)
             if moving:
                 d = px.direction(color, moving[0])
                 assert all(px.direction(color, t) == d for t in moving)
-                t1, t2 = fmt(moving[0] / px.T), fmt((moving[-1] + 1) / px.T)
-                assert re.search(rf"^From {t1} to {t2}, the {color} \w+ moves {d}\b", text, re.M), (color, text)
+                m = re.search(rf"^From {TIME} to {TIME}, the {color} \w+ moves {d}\b", text, re.M)
+                assert m and frames_in(*m.groups(), px.T) == moving, (color, text)
             else:
                 assert not re.search(rf"the {color} \w+ moves", text)
         at_end = [c for c in px.colors if px.masks[c][-1].any()]
@@ -249,9 +298,8 @@ def test_answers_agree_with_the_pixels(bench, pixels):
         px = pixels(s["media"])
         question = s["conversations"][0]["value"].split("\n")[1]
         answer = answer_of(s)
-        frame_at = {fmt(t / px.T): t for t in range(px.T)}
-        if m := re.fullmatch(r"How many shapes are visible at (\d\.\d\d)\?", question):
-            t = frame_at[m.group(1)]
+        if m := re.fullmatch(rf"How many shapes are visible at {TIME}\?", question):
+            t = frame_at(m.group(1), px.T)
             assert int(answer) == sum(px.masks[c][t].any() for c in px.colors)
         elif m := re.fullmatch(r"In which direction does the (\w+) \w+ move\?", question):
             moving = px.moving_frames(m.group(1))
@@ -260,11 +308,11 @@ def test_answers_agree_with_the_pixels(bench, pixels):
             a, b = px.frames_of(m.group(1))[0], px.frames_of(m.group(2))[0]
             assert a != b
             assert color_of(answer.removeprefix("the ")) == (m.group(1) if a < b else m.group(2))
-        elif m := re.fullmatch(r"What colour is the shape that enters at (\d\.\d\d)\?", question):
-            t = frame_at[m.group(1)]
+        elif m := re.fullmatch(rf"What colour is the shape that enters at {TIME}\?", question):
+            t = frame_at(m.group(1), px.T)
             assert [c for c in px.colors if px.frames_of(c)[0] == t] == [answer]
-        elif m := re.fullmatch(r"What happens at (\d\.\d\d)\?", question):
-            t = frame_at[m.group(1)]
+        elif m := re.fullmatch(rf"What happens at {TIME}\?", question):
+            t = frame_at(m.group(1), px.T)
             am = re.fullmatch(r"the (\w+) \w+ (enters|leaves|starts moving (\w+))", answer)
             color, verb = am.group(1), am.group(2)
             present = px.frames_of(color)

@@ -50,7 +50,14 @@ def test_extract_choice():
     assert extract_choice("purple", options) is None
     assert extract_choice("E", options) is None  # not one of four options
     assert extract_choice("Blue and green", options) is None
-    assert extract_choice("A cat", None) == "A"  # a leading letter, no options to check
+    for text, letter in (("The answer is b.", "B"), ("Answer: (c)", "C"), ("answer is C because", "C")):
+        assert extract_choice(text, options) == letter, text  # checked against the options in upper case
+    # an article is not a letter: a leading letter counts before ")", ".", ":", "," or the end only
+    animals = ["a dog", "a cat", "a bird"]
+    assert extract_choice("A cat.", animals) == "B" and qa_correct("A cat.", "B", "mc", animals)
+    assert extract_choice("The answer is a bird", animals) is None  # not A
+    assert extract_choice("A cat", None) is None and extract_choice("the answer is a dog", None) is None
+    assert [extract_choice(t, animals) for t in ("B: a cat", "(A) a dog", "A.", "C")] == ["B", "A", "A", "C"]
 
 
 def test_qa_correct_and_accuracy():

@@ -8,7 +8,7 @@ import torch
 from tpo.data.datasets import SampleDataset
 from tpo.data.synth import synthesize
 from tpo.evaluation import check_answer_budget, evaluate, evaluate_trivial, parse_box, parse_span
-from tpo.evaluation.evaluate import SCORED_TASKS, _scored_reference
+from tpo.evaluation.evaluate import SCORED_TASKS, _score, _scored_reference
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,17 @@ def test_reference_answers_score_perfectly_and_wrong_ones_do_not(dataset):
     assert perfect["count/track"] > 0 and perfect["track/unanswered"] == perfect["count/track"]  # nor tracks
     wrong = evaluate(Oracle(dataset, corrupt=True), dataset)
     assert wrong["qa/accuracy"] < 0.5 and wrong["box/acc@0.5"] < 1.0
+
+
+def test_reference_answers_score_perfectly_on_the_frames_they_name(tmp_path):
+    """8-frame videos read at 4 frames (1, 3, 5, 7): a reference answer's first box is on the object's first
+    frame, which may be left out; it is scored against that frame's box."""
+    synthesize(tmp_path, 12, seed=3, frames=8, size=64)
+    items = SampleDataset(str(tmp_path / "train.jsonl"), num_frames=4, tasks=["grounding"])
+    report = evaluate(Oracle(items), items, predictions=tmp_path / "oracle.jsonl")
+    assert report["count/box"] == len(items) and report["box/acc@0.5"] == 1.0
+    scores = [json.loads(line)["score"] for line in (tmp_path / "oracle.jsonl").read_text().splitlines()]
+    assert min(scores) > 0.97  # all but the 3 decimals the reference writes
 
 
 def test_predictions_file_holds_what_was_scored(dataset, tmp_path):
@@ -136,8 +147,6 @@ def test_the_no_input_reference_scores_what_its_answers_are_worth(dataset):
 
 
 def test_unscored_samples_are_not_answered(dataset):
-    from tpo.evaluation.evaluate import _score
-
     asked = []
     report = _score(dataset, lambda item: asked.append(item["meta"]["task"]) or ("A", {}), None)
     assert set(asked) <= set(SCORED_TASKS) and len(asked) == len(dataset) - report["count/unscored"]
@@ -157,7 +166,8 @@ def test_tracks_are_scored_by_success_auc_over_visible_frames(dataset):
         if (item.get("meta") or {}).get("task") != "tracking" or not item["tracks"]:
             continue
         track = item["tracks"][0]
-        ious = [iou(track["init_box"].tolist(), box.tolist()) for box, ok in zip(track["boxes"], track["valid"]) if ok]
+        first = track["boxes"][track["valid"]][0].tolist()  # the prompt box: on the first frame the object is on
+        ious = [iou(first, box.tolist()) for box, ok in zip(track["boxes"], track["valid"]) if ok]
         if ious:
             aucs.append(np.mean([np.mean([v > t for v in ious]) for t in np.linspace(0, 1, 21)]))
     report = evaluate_trivial(dataset)
@@ -203,8 +213,6 @@ def test_scored_reference_is_the_part_a_text_answer_is_scored_on():
 
 
 def test_task_assignment_is_scored_from_the_heads_an_answer_ran(dataset):
-    from tpo.evaluation.evaluate import _score
-
     box = {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]])}
 
     def answer(item):  # right heads for questions, boxes and masks; the mask head for a span question
@@ -233,16 +241,66 @@ def test_a_tpo_model_tracks_from_the_first_box(dataset):
     from tpo.registry import build_model
 
     model = build_model("configs/tpo/timm_mlp_llama.py")
-    tracking = [item for item in dataset if (item.get("meta") or {}).get("task") == "tracking" and item["tracks"]
+    # init_box is the box on the source init_frame, which frame sampling may leave out: not the prompt
+    tracking = [dict(item, tracks=[dict(item["tracks"][0], init_box=torch.tensor([0.0, 0.0, 1.0, 1.0]))])
+                for item in dataset if (item.get("meta") or {}).get("task") == "tracking" and item["tracks"]
                 and bool(item["tracks"][0]["valid"].any())]
     given, predict = [], model.predict
 
     def recording(prompt, **kwargs):
-        given.append(kwargs.get("input_box"))
+        given.append((kwargs.get("input_box"), kwargs["head_inputs"]["init_frames"].tolist()))
         return predict(prompt, **kwargs)
 
     model.predict = recording
     report = evaluate(model, tracking, max_new_tokens=40)
-    assert given == [item["tracks"][0]["init_box"].tolist() for item in tracking]
+    firsts = [int(item["tracks"][0]["valid"].nonzero()[0, 0]) for item in tracking]
+    assert given == [(item["tracks"][0]["boxes"][f].tolist(), [f]) for item, f in zip(tracking, firsts)]
     assert report["count/track"] == len(tracking) > 0
     assert 0 <= report["track/unanswered"] <= report["count/track"]  # items whose answer ran no track head
+
+
+def _item(sid, task, **fields):
+    return {"id": sid, "meta": {"task": task}, "media_type": "video", **fields,
+            "conversations": [{"from": "human", "value": "<video>\nQ?"}, {"from": "gpt", "value": "A."}]}
+
+
+def test_samples_without_a_mask_on_a_sampled_frame_are_unscored():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, 1:3, 1:3] = True
+    items = [_item("seen", "segmentation", masks=masks, mask_valid=torch.tensor([True, False])),
+             _item("unseen", "segmentation", masks=masks, mask_valid=torch.tensor([False, False]))]
+    report = evaluate_trivial(items)
+    assert report["count/mask"] == 1 and report["mask/miou"] == pytest.approx(0.25)
+    assert report["count/unscored"] == report["unscored/segmentation"] == 1
+
+
+def test_a_text_box_is_scored_against_the_box_of_the_frame_it_names():
+    """Boxes on source frames 0..3, frames 1 and 3 sampled: a text answer's "frame N:" names the frame of
+    its box, sampled or not (the reference answers list every frame); without one, or naming a frame with no
+    box, it is scored against the first box on a sampled frame, as a head's box is."""
+    source = torch.tensor([[0.1 * t, 0.0, 0.1 * t + 0.1, 0.1] for t in range(4)])
+    item = _item("box", "grounding", boxes=source[[1, 3]], box_frames=torch.tensor([0, 1]),
+                 frame_indices=torch.tensor([1, 3]), source_boxes=source, source_box_frames=torch.arange(4))
+
+    def fmt(t):
+        return "[" + ", ".join(f"{v:.2f}" for v in source[t].tolist()) + "]"
+
+    answers = {f"frame 0: {fmt(0)}; frame 1: {fmt(1)}": 1.0, f"Frame 2: {fmt(2)}": 1.0, fmt(1): 1.0,
+               f"frame 6: {fmt(1)}": 1.0, f"frame 3: {fmt(1)}": 0.0, f"frame 1: {fmt(0)}": 0.0}
+    items = [dict(item, id=text) for text in answers]
+    report = _score(items, lambda it: (it["id"], {}), None)
+    assert report["count/box"] == len(answers) and report["box/miou"] == pytest.approx(np.mean(list(answers.values())))
+    head = _score([item], lambda it: ("", {"region": {"boxes": source[[1]]}}), None)
+    assert head["box/miou"] == pytest.approx(1.0)
+
+
+def test_the_trivial_tracker_keeps_the_tracks_box_on_its_first_sampled_frame(tmp_path):
+    """init_box is on the source init_frame, which sampling left out here: the prompt box is the track's
+    own box on the first sampled frame its object is on."""
+    boxes = torch.tensor([[0.0, 0.0, 0.1, 0.1], [0.1, 0.1, 0.5, 0.5], [0.3, 0.1, 0.7, 0.5], [0.1, 0.1, 0.5, 0.5]])
+    track = {"init_frame": 0, "init_box": torch.tensor([0.6, 0.6, 0.9, 0.9]), "boxes": boxes,
+             "valid": torch.tensor([False, True, True, True])}
+    report = evaluate_trivial([_item("t", "tracking", tracks=[track])], predictions=tmp_path / "p.jsonl")
+    assert json.loads((tmp_path / "p.jsonl").read_text())["init"] == [0.1, 0.1, 0.5, 0.5]
+    ious = np.array([1.0, 1 / 3, 1.0])  # the prompt box against frames 1, 2, 3
+    assert report["track/auc"] == pytest.approx(np.mean([(ious > t).mean() for t in np.linspace(0, 1, 21)]))

@@ -106,6 +106,18 @@ def _tokenizer_name(tokenizer) -> str:
     return f"{type(tokenizer).__name__}({path!r})" if path else type(tokenizer).__name__
 
 
+def track_prompt(boxes, valid) -> tuple[int, torch.Tensor] | None:
+    """The box prompt of a track on a model's frames (``boxes [T, 4]``, ``valid [T]``): ``(the first frame
+    its object is visible on, the track's own box there)``, or ``None`` when it is visible on none. Its
+    ``init_box`` is not used: its ``init_frame`` may not be among the frames sampled. Training targets,
+    evaluation and ``tpo chat --input-box/--input-frame`` all give a box on one of the model's frames."""
+    visible = torch.as_tensor(valid).bool().nonzero()
+    if not len(visible):
+        return None
+    first = int(visible[0, 0])
+    return first, torch.as_tensor(boxes, dtype=torch.float32)[first]
+
+
 def _where(sid: Any, field: str) -> str:
     return f"sample {sid!r}: field {field!r}"
 
@@ -449,8 +461,9 @@ class ConversationCollator(_ChatCollator):
       spans: ``spans [n, 2]``; masks: ``masks [n, T, H, W]`` bool and
       ``frame_valid [n, T]`` (frames padded to the longest, invalid), ``sizes
       [n, 2]`` (each mask's own H, W; masks of other sizes are resized, nearest,
-      to the largest H and W); tracks: ``init_boxes [n, 4]``, ``boxes [n, T,
-      4]``, ``valid [n, T]``
+      to the largest H and W); tracks: ``init_boxes [n, 4]`` and
+      ``init_frames [n]`` (the box prompt, :func:`track_prompt`), ``boxes [n,
+      T, 4]``, ``valid [n, T]``
     * ``input_boxes [n, 4]``, ``input_box_index [n]`` (batch rows),
       ``input_box_position [n]`` (the ``<|box|>`` token's column): the tracking
       prompts, in order of occurrence
@@ -575,17 +588,16 @@ class ConversationCollator(_ChatCollator):
             total = item["media"].shape[0]
             tboxes = torch.as_tensor(track["boxes"], dtype=torch.float32)
             tvalid = torch.as_tensor(track["valid"]).bool()
-            init = torch.as_tensor(track["init_box"], dtype=torch.float32)
-            if tboxes.shape != (total, 4) or tvalid.shape != (total,) or init.shape != (4,):
+            if tboxes.shape != (total, 4) or tvalid.shape != (total,):
                 raise ValueError(
-                    f"{_where(sid, 'tracks[0]')}: needs init_box [4], boxes [{total}, 4] and valid [{total}], got "
-                    f"{list(init.shape)}, {list(tboxes.shape)} and {list(tvalid.shape)}"
+                    f"{_where(sid, 'tracks[0]')}: needs boxes [{total}, 4] and valid [{total}], got "
+                    f"{list(tboxes.shape)} and {list(tvalid.shape)}"
                 )
             index = torch.from_numpy(sel)
-            if tvalid[index].any():
-                valid = tvalid[index]  # the init box is on the first sampled frame the object is on
-                found["tracks"] = {"init_boxes": init, "init_frames": int(valid.nonzero()[0, 0]),
-                                   "boxes": tboxes[index], "valid": valid}
+            boxes, valid = tboxes[index], tvalid[index]
+            prompt = track_prompt(boxes, valid)
+            if prompt is not None:
+                found["tracks"] = {"init_boxes": prompt[1], "init_frames": prompt[0], "boxes": boxes, "valid": valid}
         return found
 
     # -------------------------------------------------------------- one item

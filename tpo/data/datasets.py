@@ -37,7 +37,9 @@ class SampleDataset(Dataset):
     * ``conversations``: ``[{"from": "human"|"gpt", "value": str}, ...]``
     * ``boxes``: float32 ``[N, 4]`` normalised xyxy; ``box_frames``: int64
       ``[N]``, the position of each box's frame in ``media`` (0 for an image);
-      boxes on frames that were not sampled are left out
+      boxes on frames that were not sampled are left out; videos also
+      ``source_boxes`` float32 ``[M, 4]`` and ``source_box_frames`` int64
+      ``[M]``: every box, sampled or not, with its frame in the source video
     * ``spans``: float32 ``[S, 2]``; ``span_frames``: bool ``[S, T]``, which
       sampled frames lie in each span
     * ``masks``: bool ``[H, W]`` (image) or ``[T, H, W]`` (video), with
@@ -122,6 +124,9 @@ class SampleDataset(Dataset):
             num_source_frames=clip.total,
         )
         self._check_frames(s, clip.total)
+        if s.boxes:  # all of them: a text answer says which frame its box is on ("frame 3: [...]")
+            item["source_boxes"] = torch.tensor([b.box for b in s.boxes], dtype=torch.float32)
+            item["source_box_frames"] = torch.tensor([b.frame for b in s.boxes], dtype=torch.long)
         kept = [b for b in s.boxes if b.frame in position]
         if kept:
             item["boxes"] = torch.tensor([b.box for b in kept], dtype=torch.float32)

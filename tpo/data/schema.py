@@ -595,7 +595,11 @@ class _Checker:
                 boxes.append(FrameBox(None if box is None else self.box(box, bfld), frame))
             if init_frame is not None and init_box is not None:
                 at_init = [b for b in boxes if b.frame == init_frame]
-                if at_init and at_init[0].box is not None and not np.allclose(at_init[0].box, init_box, atol=1e-6):
+                if at_init and at_init[0].box is None:
+                    self.problem(f"{fld}.init_box", f"gives a box on frame {init_frame}, where the track's box is "
+                                                    f"null (not visible); make init_frame a frame the object is on, "
+                                                    f"or give its box there")
+                elif at_init and not np.allclose(at_init[0].box, init_box, atol=1e-6):
                     self.problem(f"{fld}.init_box", f"differs from the track's box on frame {init_frame}")
                 out.append(Track(init_frame, init_box, boxes, obj))
         return out

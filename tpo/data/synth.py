@@ -22,9 +22,11 @@ front of each other. From the scene's own state come
 
 Time follows :mod:`tpo.data.video`: frame ``i`` of ``T`` covers
 ``[i/T, (i+1)/T)``; an event on frames ``a..b`` has the span ``[a/T, (b+1)/T]``.
-"Enters at t" means the shape is first visible on the frame starting at t,
-"leaves at t" that it is gone from the frame starting at t, "moves from t1 to
-t2" that it is displaced on every frame starting in ``[t1, t2)``.
+"Enters at t" means the shape is first visible on the frame that holds t,
+"leaves at t" that it is gone from the frame that holds t, "moves from t1 to
+t2" that it is displaced on the frames whose centres lie in ``[t1, t2]``. Times
+are written rounded (:func:`fmt_time`): a start inside its frame, an end inside
+its frame or on its end, so that the written span holds the frames of the exact one.
 
 Guarantees (checked while rendering; a scene that breaks one is drawn again):
 every shape present on a frame shows at least 40% of its pixels; a moving shape
@@ -77,25 +79,37 @@ TASKS = ("qa", "grounding", "temporal_grounding", "segmentation", "tracking", "c
 LETTERS = "ABCDEFGH"
 PREFERENCE_PAIRS = ("one", "all")
 # Bumped whenever a seed's files change (summary.json records it, so that a benchmark written by an
-# earlier version is told apart): 2 = tracks follow a moving shape where the video has one.
-VERSION = 2
+# earlier version is told apart): 2 = tracks follow a moving shape where the video has one; 3 = times
+# written inside the frame they describe (rounded up from a frame's start, down from its end), regions from
+# the centre of a shape's centre pixel.
+VERSION = 3
 MIN_VISIBLE_FRACTION = 0.4
 MIN_VISIBLE_PIXELS = 6
 
 
-def fmt_time(x: float) -> str:
-    """A normalised time as written in questions and descriptions."""
-    return f"{x:.2f}"
+def fmt_time(frame: int, frames: int, end: bool = False) -> str:
+    """The start of ``frame`` of ``frames`` (with ``end``: its end) as a normalised time written in
+    questions and descriptions: the start rounded up, so that the time lies inside the frame (which covers
+    ``[frame/T, (frame+1)/T)``), the end rounded down, so that it lies inside the frame or on its end; to
+    2 decimals, or more where frames are too short for them to stay within half a frame of the exact time
+    (a span written so holds the same frames as the exact one: :func:`tpo.data.video.span_frame_mask`)."""
+    digits = 2
+    while 10 ** digits < 2 * frames:
+        digits += 1
+    scale = 10 ** digits
+    ticks = (frame + 1) * scale // frames if end else -(-frame * scale // frames)  # exact: integers only
+    return f"{ticks / scale:.{digits}f}"
 
 
 def fmt_box(box: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
 
 
-def region_of(cx: float, cy: float, width: int, height: int) -> str:
-    """The cell of a 3x3 grid that holds the point (pixel coordinates)."""
-    col = min(2, int(3 * cx / width))
-    row = min(2, int(3 * cy / height))
+def region_of(cx: int, cy: int, width: int, height: int) -> str:
+    """The cell of a 3x3 grid that holds the centre of pixel ``(cx, cy)`` (at ``cx + 0.5, cy + 0.5``:
+    the centre of the box of a shape centred on that pixel, see :func:`mask_box`)."""
+    col = min(2, int(3 * (cx + 0.5) / width))
+    row = min(2, int(3 * (cy + 0.5) / height))
     return REGIONS[3 * row + col]
 
 
@@ -360,19 +374,20 @@ def event_sentence(scene: Scene, e: Event) -> str:
     T, size = scene.num_frames, scene.labels.shape[1]
     s = scene.shapes[e.obj]
     if e.kind == "enter":
-        return f"At {fmt_time(e.first / T)}, the {s.name} enters at the {region_of(*s.centre(e.first), size, size)}."
+        return f"At {fmt_time(e.first, T)}, the {s.name} enters at the {region_of(*s.centre(e.first), size, size)}."
     if e.kind == "leave":
         where = region_of(*s.centre(e.first - 1), size, size)
-        return f"At {fmt_time(e.first / T)}, the {s.name} leaves from the {where}."
+        return f"At {fmt_time(e.first, T)}, the {s.name} leaves from the {where}."
     if e.kind == "move":
         end = region_of(*s.centre(e.last), size, size)
         return (
-            f"From {fmt_time(e.first / T)} to {fmt_time((e.last + 1) / T)}, the {s.name} moves {e.direction}"
+            f"From {fmt_time(e.first, T)} to {fmt_time(e.last, T, end=True)}, the {s.name} moves {e.direction}"
             f" and stops at the {end}."
         )
     other = scene.shapes[e.other].name
     if scene.is_video:
-        return f"From {fmt_time(e.first / T)} to {fmt_time((e.last + 1) / T)}, the {s.name} covers part of the {other}."
+        return (f"From {fmt_time(e.first, T)} to {fmt_time(e.last, T, end=True)}, the {s.name} covers part of "
+                f"the {other}.")
     return f"The {s.name} covers part of the {other}."
 
 
@@ -450,7 +465,7 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
         variants.append((f"What colour is the shape at the {region(k, 0)}{when}?", k, "space"))
     if by_enter:
         e = by_enter[int(rng.integers(len(by_enter)))]
-        variants.append((f"What colour is the shape that enters at {fmt_time(e.first / T)}?", e.obj, "time"))
+        variants.append((f"What colour is the shape that enters at {fmt_time(e.first, T)}?", e.obj, "time"))
     if variants:
         text, k, loc = variants[int(rng.integers(len(variants)))]
         qs.append(Question("color", text, shapes[k].color, _options(rng, shapes[k].color, colors_all), loc, k))
@@ -478,7 +493,7 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
         t = int(rng.integers(T))
         n = sum(s.present(t) for s in shapes)
         siblings = [sum(s.present(u) for s in shapes) for u in range(T) if u != t]
-        text, loc = f"How many shapes are visible at {fmt_time(t / T)}?", "time"
+        text, loc = f"How many shapes are visible at {fmt_time(t, T)}?", "time"
     else:
         shape = str(rng.choice(SHAPES))
         n = shape_counts[shape]
@@ -561,7 +576,7 @@ def _questions(scene: Scene, events: list[Event], rng: np.random.Generator) -> l
         options = _options(rng, ans, [o for o in kind_of if o != foil], n=3) + [foil]
         options = [options[i] for i in rng.permutation(len(options))]
         foils = tuple(o for o in options if o != ans and kind_of[o] == e.kind)
-        qs.append(Question("event", f"What happens at {fmt_time(e.first / T)}?", ans, options, "time", e.obj,
+        qs.append(Question("event", f"What happens at {fmt_time(e.first, T)}?", ans, options, "time", e.obj,
                            foils=foils))
     return qs
 
@@ -649,7 +664,7 @@ def scene_samples(scene: Scene, media_path: str, split: str, seed: int, preferen
                 choices.append(("move", f"When does the {name} move?", e.first, e.last))
         kind, text, a, b = choices[int(rng.integers(len(choices)))]
         span = [a / T, (b + 1) / T]
-        add("temporal_grounding", text, f"From {fmt_time(span[0])} to {fmt_time(span[1])}.",
+        add("temporal_grounding", text, f"From {fmt_time(a, T)} to {fmt_time(b, T, end=True)}.",
             {"object": name, "event": kind}, spans=[span])
 
     # masks of the visible pixels

@@ -16,12 +16,15 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from tpo.data.collate import track_prompt
+
 from .metrics import box_iou, mask_iou, qa_correct, span_iou, success_auc
 
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
 _BOX = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUMBER] * 4) + r"\s*\]")
 _SPAN = re.compile(r"from\s+" + _NUMBER + r"\s+to\s+" + _NUMBER, re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"<image>\n?|<video>\n?")
+_FRAME_BOX = re.compile(r"(?:frame\s+(\d+)\s*:\s*)?" + _BOX.pattern, re.IGNORECASE)  # "frame 3: [...]"
 
 
 def parse_box(text: str) -> np.ndarray | None:
@@ -36,6 +39,20 @@ def parse_span(text: str) -> np.ndarray | None:
     return None if match is None else np.array([float(v) for v in match.groups()])
 
 
+def _text_box(text: str, item: dict) -> tuple[np.ndarray | None, torch.Tensor]:
+    """A text answer's first box and the box it is scored against: the annotated box of the source frame
+    its ``frame N:`` label names (as the reference answers of videos write them), sampled or not, when
+    there is one; else the first annotated box on the sampled frames (``item["boxes"][0]``)."""
+    match = _FRAME_BOX.search(text)
+    pred = None if match is None else np.array([float(v) for v in match.groups()[1:]])
+    frames = item.get("source_box_frames")
+    if match is not None and match.group(1) is not None and frames is not None:
+        hit = (torch.as_tensor(frames) == int(match.group(1))).nonzero()
+        if len(hit):
+            return pred, item["source_boxes"][int(hit[0, 0])]
+    return pred, item["boxes"][0]
+
+
 def _question(item: dict) -> str:
     human = next(turn["value"] for turn in item["conversations"] if turn["from"] == "human")
     return _PLACEHOLDER.sub("", human).strip()
@@ -46,15 +63,17 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
              predictions: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score ``model`` on the items of a :class:`~tpo.data.datasets.SampleDataset`.
 
-    Returns ``qa/accuracy``; ``box/acc@0.5`` and ``box/miou`` (the first
-    annotated box of a grounding sample); ``temporal/R@{0.3,0.5,0.7}`` and
-    ``temporal/mIoU``; ``mask/miou`` (mean over annotated frames);
+    Returns ``qa/accuracy``; ``box/acc@0.5`` and ``box/miou`` (a grounding
+    sample's first annotated box on the sampled frames; a text answer's first
+    box against the box of the frame its ``frame N:`` label names, when
+    annotated); ``temporal/R@{0.3,0.5,0.7}`` and
+    ``temporal/mIoU``; ``mask/miou`` (mean over annotated sampled frames);
     ``track/auc`` (the OTB success AUC of a tracking sample's first track, over
-    the sampled frames it is visible on; a TPO model is given its first box as
-    the box prompt; text answers are not read for tracks); the
+    the sampled frames it is visible on; a TPO model is given its box on the
+    first of them as the box prompt; text answers are not read for tracks); the
     counts of each kind (``count/unscored`` and ``unscored/<task>``: the
     samples not scored, not answered either: captions, preference pairs, task
-    samples without their annotation), and ``*/unanswered``: samples whose answer held no
+    samples without their annotation on a sampled frame), and ``*/unanswered``: samples whose answer held no
     box, span or mask (scored as IoU 0). For a TPO model, task assignment:
     ``assign/accuracy`` (the answer ran exactly the heads trained on its
     task's annotation, and none for a question) and ``assign/<task>`` per
@@ -79,11 +98,13 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
             _check_budget(tokenizer, [(item["conversations"], item.get("meta") or {}, item.get("id"))], max_new_tokens)
         media = {"image" if item["media_type"] == "image" else "video": item["media"]}
         if is_tpo:
-            size = tuple(item["media"].shape[-2:])
-            track = _scored_track(item)
+            inputs = {"output_size": tuple(item["media"].shape[-2:])}
+            prompt = _track_prompt(item)
+            if prompt is not None:  # a box on one of the frames, as `tpo chat --input-box/--input-frame` gives it
+                inputs["init_frames"] = torch.tensor([prompt[0]])
             result = model.predict(_question(item), max_new_tokens=max_new_tokens,
-                                   input_box=None if track is None else track["init_box"].tolist(),
-                                   head_inputs=_track_inputs(track, {"output_size": size}), **media)
+                                   input_box=None if prompt is None else prompt[1].tolist(), head_inputs=inputs,
+                                   **media)
             return result["text"], result["tasks"]
         return model.chat(_question(item), max_new_tokens=max_new_tokens, **media), {}
 
@@ -108,16 +129,17 @@ def _scorable(item: dict, task: str | None) -> bool:
         return len(item["boxes"]) > 0
     if task == "temporal_grounding":
         return len(item["spans"]) > 0
-    if task == "segmentation":
-        return item.get("masks") is not None
+    if task == "segmentation":  # a video's masks: on a sampled frame
+        valid = item.get("mask_valid")
+        return item.get("masks") is not None and (valid is None or bool(torch.as_tensor(valid).any()))
     return task == "tracking" and _scored_track(item) is not None
 
 
-def _track_inputs(track: dict | None, inputs: dict) -> dict:
-    """A tracker's box prompt is on the first sampled frame its object is on (``init_frames``)."""
-    if track is None:
-        return inputs
-    return dict(inputs, init_frames=torch.as_tensor(track["valid"]).bool().nonzero()[:1, 0])
+def _track_prompt(item: dict) -> tuple[int, torch.Tensor] | None:
+    """A tracking sample's box prompt: ``(frame, box)``, its scored track's own box on the first frame
+    its object is on (:func:`~tpo.data.collate.track_prompt`, as trained); None for other samples."""
+    track = _scored_track(item)
+    return None if track is None else track_prompt(track["boxes"], track["valid"])
 
 
 def _scored_track(item: dict) -> dict | None:
@@ -187,9 +209,9 @@ def evaluate_trivial(dataset: Iterable[dict], limit: int | None = None,
                  "temporal": {"spans": torch.tensor([[0.0, 1.0]])}}
         if item.get("masks") is not None:
             heads["mask"] = {"masks": torch.ones_like(item["masks"], dtype=torch.bool)[None]}
-        track = _scored_track(item)
-        if track is not None:  # a tracker that never moves: the first box on every frame
-            heads["track"] = {"boxes": track["init_box"].expand(len(track["valid"]), 4)[None]}
+        prompt = _track_prompt(item)
+        if prompt is not None:  # a tracker that never moves: the prompt box on every frame
+            heads["track"] = {"boxes": prompt[1].expand(len(item["tracks"][0]["valid"]), 4)[None]}
         return "A", heads
 
     return _score(dataset, answer, limit, predictions)
@@ -232,13 +254,16 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
             qa.append(qa_correct(text, meta["answer"], meta.get("answer_type", "open"), meta.get("options")))
             record.update(answer=meta["answer"], score=float(qa[-1]))
         elif task == "grounding":
-            pred = heads["region"]["boxes"][0].cpu().numpy() if "region" in heads else parse_box(text)
-            record.update(source="head" if "region" in heads else "text", target=_values(item["boxes"][0]))
+            if "region" in heads:  # a head's box: on the first sampled frame the object is annotated on
+                pred, target = heads["region"]["boxes"][0].cpu().numpy(), item["boxes"][0]
+            else:
+                pred, target = _text_box(text, item)
+            record.update(source="head" if "region" in heads else "text", target=_values(target))
             if pred is None or not np.all(np.isfinite(pred)) or pred[2] < pred[0] or pred[3] < pred[1]:
                 unanswered["box"] += 1
                 boxes.append(0.0)
             else:
-                boxes.append(float(box_iou(pred[None], item["boxes"][:1].numpy())[0]))
+                boxes.append(float(box_iou(pred[None], target[None].numpy())[0]))
             record.update(pred=_values(pred), score=boxes[-1])
         elif task == "temporal_grounding":
             pred = heads["temporal"]["spans"][0].cpu().numpy() if "temporal" in heads else parse_span(text)
@@ -268,7 +293,7 @@ def _score(dataset: Iterable[dict], answer, limit: int | None,
             gt = track["boxes"].double().numpy().copy()
             gt[~torch.as_tensor(track["valid"]).bool().numpy()] = np.nan  # frames the object is absent from
             pred = heads["track"]["boxes"][0].double().cpu().numpy() if "track" in heads else None
-            record.update(source="head" if "track" in heads else None, init=_values(track["init_box"]))
+            record.update(source="head" if "track" in heads else None, init=_values(_track_prompt(item)[1]))
             if pred is None or pred.shape != gt.shape:  # text answers are not read for tracks
                 unanswered["track"] += 1
                 tracks.append(0.0)

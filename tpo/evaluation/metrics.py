@@ -43,29 +43,31 @@ def normalize_answer(text: str) -> str:
     return " ".join(NUMBER_WORDS.get(t, t) for t in tokens if t not in ARTICLES)
 
 
-_LEADING_LETTER = re.compile(r"^\s*\(?([A-Z])\)?(?=$|[\s\.\):,])")
-_ANSWER_LETTER = re.compile(r"answer\s*(?:is)?\s*:?\s*\(?([A-Z])\)?(?=$|[\s\.\):,])", re.IGNORECASE)
+# a letter at the start counts when followed by ")", ".", ":", "," or the end ("B.", "(B) dog"), not by a
+# word ("A cat": an article); after "answer is" also before a space when upper case ("the answer is B because",
+# not "the answer is a dog")
+_LEADING_LETTER = re.compile(r"^\s*\(?([A-Z])(?=$|[.):,])")
+_ANSWER_LETTER = re.compile(r"(?i:answer\s*(?:is)?\s*:?)\s*\(?([A-Za-z])(?=$|[.):,]|(?<=[A-Z])\s)")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 
 
 def extract_choice(prediction: str, options: Sequence[str] | None = None) -> str | None:
-    """The option letter a prediction chooses: a leading ``B``/``(B)``/``B.``,
-    ``answer is B``, a lone ``(B)``, or (given ``options``) the text of one
-    option; ``None`` when it names none."""
+    """The option letter a prediction chooses: (given ``options``) the text of
+    one option, else a leading ``B``/``(B)``/``B.``/``B:`` (not ``A`` of ``"A
+    cat"``), ``answer is B``/``answer: (b)``, or a lone ``(B)``; ``None`` when
+    it names none (or a letter past the options)."""
     text = str(prediction).strip()
-    for pattern in (_LEADING_LETTER, _ANSWER_LETTER):
-        m = pattern.search(text)
-        if m and (options is None or ord(m.group(1)) - 65 < len(options)):
-            return m.group(1).upper()
-    found = set(_PAREN_LETTER.findall(text))
-    if len(found) == 1:
-        return found.pop()
-    if options:
+    if options:  # an option's own text first: "A cat." is option "a cat", not letter A
         norm = normalize_answer(text)
         hits = [i for i, o in enumerate(options) if normalize_answer(o) == norm]
         if len(hits) == 1:
             return chr(65 + hits[0])
-    return None
+    for pattern in (_LEADING_LETTER, _ANSWER_LETTER):
+        m = pattern.search(text)
+        if m and (options is None or ord(m.group(1).upper()) - 65 < len(options)):
+            return m.group(1).upper()
+    found = set(_PAREN_LETTER.findall(text))
+    return found.pop() if len(found) == 1 else None
 
 
 def qa_correct(prediction: str, answer: str, answer_type: str = "open", options: Sequence[str] | None = None) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from tpo.data.synth import fmt_time
 from tpo.registry import JUDGES, build_model, current_config_key
 
 from .prompts import CAPTION_PROMPT, CLIP_CAPTION_PROMPT
@@ -197,5 +198,6 @@ class ClipCaptionContext(_Captioner):
         parts = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             text = self.caption(media[a:b], "video")
-            parts.append(f"From {a / total:.2f} to {b / total:.2f}: {text}")
+            # times as the synthetic benchmark writes them: inside the frames they bound
+            parts.append(f"From {fmt_time(a, total)} to {fmt_time(b - 1, total, end=True)}: {text}")
         return " ".join(parts)
