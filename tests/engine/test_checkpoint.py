@@ -69,6 +69,16 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert sorted(losses_of(tmp_path)) == [1, 2, 3, 4]
 
 
+def test_a_new_run_in_a_work_dir_with_checkpoints_is_refused(tmp_path):
+    """A new run in a work dir holding an earlier run's checkpoints would prune its own final checkpoint
+    (older than theirs) and a later --resume would continue theirs: refused before it trains."""
+    _trainer(tmp_path, max_steps=3).fit()
+    with pytest.raises(ValueError, match=r"work_dir: .* holds the checkpoints of an earlier run \(the latest "
+                                         r"step_00000003\); pass --resume"):
+        _trainer(tmp_path, max_steps=2).fit()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 3]
+
+
 def test_write_json_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "state.json"
     ckpt.write_json(path, {"step": 1})

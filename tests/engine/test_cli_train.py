@@ -34,6 +34,10 @@ def test_train_and_resume(tmp_path, synth, recipe, capsys):
     assert train_main([config, "--work-dir", str(tmp_path), "--cfg-options", *_options(synth, 2)]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["steps"] == 2 and first["final_checkpoint"].endswith("step_00000002")
+    # a new run there (no --resume) would mix its checkpoints with these: refused in one line
+    assert train_main([config, "--work-dir", str(tmp_path), "--cfg-options", *_options(synth, 3)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tpo train: error: work_dir:") and "pass --resume" in err and len(err.splitlines()) == 1
     assert train_main([config, "--work-dir", str(tmp_path), "--resume", "--cfg-options", *_options(synth, 3)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 3 and report["resumed_from"].endswith("step_00000002")

@@ -54,10 +54,34 @@ def test_config_error_before_build(tmp_path, no_build, sections, error, pattern)
         Trainer(cfg, train_dataset=qa_items(8)).fit()
 
 
+@pytest.mark.parametrize("batch,micro,world,fix", [
+    (6, None, 4, "train.batch_size=8"),  # no micro-batch size fits 6 samples on 4 processes
+    (6, 3, 4, "train.batch_size=12"),
+    (8, 4, 4, "train.micro_batch_size=2"),
+])
+def test_batch_geometry_error_suggests_a_fix_that_works(tmp_path, batch, micro, world, fix):
+    def geometry(**train):
+        cfg = train_config(tmp_path, train={"batch_size": batch, "micro_batch_size": micro, **train})
+        return Trainer(cfg, train_dataset=qa_items(8))._batch_geometry(world)
+
+    with pytest.raises(ValueError, match=rf"train\.batch_size: {batch} samples per step .* e\.g\. {fix}\b"):
+        geometry()
+    key, value = fix.split("=")
+    micro_out, accum = geometry(**{key.split(".")[1]: int(value)})
+    assert micro_out * accum * world == (int(value) if key == "train.batch_size" else batch)
+
+
 def test_missing_data_file_names_the_key(tmp_path, no_build):
     cfg = train_config(tmp_path, data={"train": {"type": "SampleDataset", "ann_file": str(tmp_path / "nope.jsonl")}})
     with pytest.raises(FileNotFoundError, match=r"data\.train\.ann_file: .*nope\.jsonl' does not exist"):
         Trainer(cfg).fit()
+    found = tmp_path / "found.jsonl"
+    found.write_text("")
+    cfg["data"]["train"] = {"type": "MixedDataset", "datasets": [  # the files inside a dataset config too
+        {"type": "SampleDataset", "ann_file": str(found)}, {"type": "SampleDataset", "ann_file": str(tmp_path / "x")}]}
+    with pytest.raises(FileNotFoundError, match=r"data\.train\.datasets\.1\.ann_file: .*x' does not exist.*"
+                                                r"--cfg-options data\.train\.datasets\.1\.ann_file=PATH"):
+        Trainer(cfg)
     cfg["data"]["train"] = {"type": "SampleDatasett", "ann_file": "x"}
     with pytest.raises(KeyError, match=r"data\.train\.type: 'SampleDatasett'"):
         Trainer(cfg)

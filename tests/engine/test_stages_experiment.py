@@ -68,6 +68,76 @@ def test_a_bad_stage_is_reported_before_any_training(synth_dir, tmp_path):
     assert not (tmp_path / "1_assign").exists()
 
 
+@pytest.fixture
+def recipe_data(tmp_path, monkeypatch):
+    """A folder to run from where the recipe's own data path (work_dirs/synth/train.jsonl) exists (the
+    checks read no more than that)."""
+    (tmp_path / "work_dirs" / "synth").mkdir(parents=True)
+    (tmp_path / "work_dirs" / "synth" / "train.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_an_option_a_stage_overrides_is_refused(recipe_data):
+    from tpo.engine.stages import check_stages
+
+    with pytest.raises(ValueError, match=r"--cfg-options train\.max_steps: stage 'assign' sets stages\.0\.train\."
+                                         r"max_steps, stage 'heads' .*, stage 'cotrain' sets stages\.2\.train\.max_steps, "
+                                         r"and a stage's own value wins .*stages\.0\.train\.max_steps=\.\.\."):
+        check_stages(RECIPE, {"train.max_steps": 2})
+    with pytest.raises(ValueError, match=r"data\.train\.ann_file: stage 'cotrain' sets stages\.2\.data\.train,"):
+        check_stages(RECIPE, {"data.train.ann_file": "work_dirs/synth/train.jsonl"})  # cotrain's data is its own
+    _, _, plan = check_stages(RECIPE, {"train.batch_size": 4, "stages.0.train.max_steps": 2})  # what no stage sets
+    assert [(c["train"]["batch_size"], c["train"]["max_steps"]) for _, _, c in plan] == [(4, 2), (4, 40), (4, 70)]
+    with pytest.raises(KeyError, match="stage 'assign': eval: unknown key"):  # an option's unknown key: not dropped
+        check_stages(RECIPE, {"eval": {"interval": 1}})
+
+
+def test_a_missing_file_inside_a_stages_dataset_is_reported_before_any_training(recipe_data):
+    from tpo.engine.stages import check_stages
+
+    with pytest.raises(FileNotFoundError, match=r"stage 'cotrain': data\.train\.datasets\.1\.ann_file: 'chat\.jsonl'"):
+        check_stages(RECIPE, {"stages.2.data.train.datasets.1.ann_file": "chat.jsonl"})
+
+
+def test_the_first_stage_starts_from_its_own_load_from(synth_dir, tmp_path, monkeypatch):
+    from tpo.engine.trainer import Trainer
+
+    weights = tmp_path / "pretrained"
+    weights.mkdir()
+    started_from = []
+
+    def fit(self):  # what each stage would train from
+        started_from.append(self.cfg["load_from"])
+        (self.work_dir / "final").mkdir(parents=True)
+        return {"final_checkpoint": str(self.work_dir / "final")}
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    options = _short(synth_dir)
+    options["stages"][0]["load_from"] = str(weights)
+    run_stages(RECIPE, cfg_options=options, work_dir=str(tmp_path / "run"))
+    assert started_from == [str(weights), str(tmp_path / "run" / "1_assign" / "final")]
+
+
+def test_experiment_checks_every_run_before_any_training(tmp_path):
+    from tpo.engine.experiment import prepare_experiment
+
+    unknown = tmp_path / "sft_eval.py"  # a key of no section: refused as `tpo train` refuses it
+    unknown.write_text(f"_base_ = [{str(ROOT / 'configs/sft/tiny_cpu.py')!r}]\neval = dict(interval=5)\n")
+    config = {"synth": {"num": 4, "seed": 1, "frames": 4, "size": 32}, "evaluation": {"max_new_tokens": 40},
+              "runs": {"sft": {"config": str(ROOT / "configs/sft/tiny_cpu.py")},
+                       "typo": {"config": str(ROOT / "configs/sft/tiny_cpu.py"), "cfg_options": {"optim.lrr": 1.0}}}}
+    with pytest.raises(KeyError, match=r"runs\.typo: optim\.lrr: unknown key"):
+        prepare_experiment(config, work_dir=str(tmp_path / "a"))
+    config["runs"] = {"sft": {"config": str(unknown)}}
+    with pytest.raises(KeyError, match=r"runs\.sft: eval: unknown key.*sft_eval\.py"):
+        prepare_experiment(config, work_dir=str(tmp_path / "a"))
+    config["runs"] = {"tpo": {"config": str(RECIPE), "cfg_options": {"train.max_steps": 3}}}
+    with pytest.raises(ValueError, match=r"runs\.tpo: --cfg-options train\.max_steps: stage 'assign'"):
+        prepare_experiment(config, work_dir=str(tmp_path / "a"))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["experiment.json", "synth"]  # nothing trained
+
+
 def test_reroot_and_table():
     cfg = {"data": {"train": {"ann_file": "work_dirs/synth/train.jsonl"}, "other": "work_dirs/synthetic/x"}}
     moved = reroot(cfg, "work_dirs/synth", "/tmp/s")

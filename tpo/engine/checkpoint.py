@@ -3,7 +3,8 @@
 A checkpoint is a folder ``<work_dir>/checkpoints/step_<step>`` holding
 accelerate's state (``Accelerator.save_state``: optimiser, registered objects
 such as the scheduler, the gradient scaler, the RNG states of every process
-and accelerate's step counter; FSDP/DeepSpeed shards in their own formats),
+and accelerate's micro-step counter, which a resumed run does not take over;
+FSDP/DeepSpeed shards in their own formats),
 the model's weights as ``model.safetensors`` under the model's own parameter
 names (what ``tpo chat --checkpoint`` and ``load_from`` read), the
 algorithm's other state (``algorithm_state.pt``: a loss's running
@@ -157,6 +158,10 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, Any]:
     returns its trainer state."""
     state = read_state(path)
     accelerator.load_state(str(path))
+    # load_state restores accelerate's micro-step counter, which decides when gradients synchronise.
+    # Every checkpoint is at an optimiser-step boundary, and this run may accumulate over another
+    # number of micro-batches (another micro-batch size or number of processes): count from 0.
+    accelerator.step = 0
     return state
 
 

@@ -221,6 +221,18 @@ def own_keys(path: str | os.PathLike | None) -> set[str] | None:
     return set(yaml.safe_load(path.read_text(encoding="utf-8")) or {}) - {"_base_"}
 
 
+def _check_data_files(value: Any, key: str, source: str | None) -> None:
+    """The ``ann_file`` of a dataset config and of every dataset config inside it (a
+    MixedDataset's ``datasets``), each named by its key as --cfg-options spells it."""
+    if isinstance(value, Mapping):
+        _check_file(value, "ann_file", key, source)
+        items = value.items()
+    else:
+        items = enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for name, inner in items:
+        _check_data_files(inner, f"{key}.{name}", source)
+
+
 def _check_file(cfg: Mapping, field: str, key: str, source: str | None) -> None:
     value = cfg.get(field)
     if value is None:
@@ -346,7 +358,7 @@ def validate(cfg, source: str | os.PathLike | None = None, cfg_options: Mapping[
         data_cfg = out["data"][split]
         if data_cfg is not None and not datasets_given:
             check_component(DATASETS, data_cfg, f"data.{split}", src)
-            _check_file(data_cfg, "ann_file", f"data.{split}", src)
+            _check_data_files(data_cfg, f"data.{split}", src)
     if hasattr(algo_cls, "check_collator_config") and not collate_given:
         algo_cls.check_collator_config(dict(out["data"]["collator"]), key="data.collator", source=src)
     for i, metric in enumerate(out["evaluation"]["metrics"]):

@@ -34,6 +34,7 @@ import torch
 from tpo.errors import CONFIG_ERRORS, is_setup_error, print_config_error
 from tpo.registry import load_config
 
+from .checkpoint import latest_checkpoint
 from .config import as_json, describe_differences, differences
 
 METRICS = [("qa/accuracy", "QA acc"), ("box/acc@0.5", "box Acc@0.5"), ("temporal/R@0.5", "temporal R@0.5"),
@@ -56,8 +57,25 @@ def _run_config(run: Mapping[str, Any], data_root: str, synth_dir: Path) -> tupl
     from .stages import training_keys
 
     path = str(run["config"])
-    cfg = training_keys(load_config(path, run.get("cfg_options")).to_dict(), path)
+    cfg = training_keys(load_config(path, run.get("cfg_options")).to_dict(), path, run.get("cfg_options"))
     return reroot(cfg, data_root, str(synth_dir)), path
+
+
+def _check_runs(runs: Mapping[str, tuple[dict, str]], given: Mapping[str, Any], root: Path) -> None:
+    """What `tpo train` checks of each run's config (keys, values, components, data files, stages),
+    as read from its file with its cfg_options (``given``: the experiment's ``runs``)."""
+    from .config import validate
+    from .stages import check_stage_plan
+
+    for name, (run_cfg, path) in runs.items():
+        options = given[name].get("cfg_options")
+        try:
+            if "stages" in run_cfg:
+                check_stage_plan(run_cfg, root / name, path, options)
+            else:
+                validate(run_cfg, source=path, cfg_options=options)
+        except CONFIG_ERRORS as err:
+            raise type(err)(f"runs.{name}: {err.args[0] if err.args else err}") from None
 
 
 def _train(name: str, cfg: dict, work_dir: Path, resume: bool) -> str:
@@ -70,7 +88,7 @@ def _train(name: str, cfg: dict, work_dir: Path, resume: bool) -> str:
     if "stages" in cfg:
         final = run_stages(cfg, work_dir=str(work_dir), resume=True)["final_checkpoint"]
     else:
-        has_ckpt = (work_dir / "checkpoints").is_dir() and any((work_dir / "checkpoints").iterdir())
+        has_ckpt = latest_checkpoint(work_dir / "checkpoints") is not None
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
         final = Trainer(dict(cfg, work_dir=str(work_dir)), resume=resume and has_ckpt).fit()["final_checkpoint"]
     done.write_text(json.dumps({"final_checkpoint": final}))
@@ -173,7 +191,8 @@ def run_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_di
 def prepare_experiment(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None) -> dict:
     """Everything that can be wrong with the config, found before any training: the runs and
     their budgets, the evaluation keys, the benchmark's settings, the work dir's earlier
-    settings and the answer budget against the written benchmark. Returns the plan that
+    settings, each run's training config (as `tpo train` checks it, on the written benchmark)
+    and the answer budget against the written benchmark. Returns the plan that
     :func:`execute_experiment` runs."""
     from tpo.data.synth import synthesize
 
@@ -213,6 +232,7 @@ def prepare_experiment(config, cfg_options: Mapping[str, Any] | None = None, wor
     if not (synth_dir / "summary.json").is_file():
         print(f"[experiment] writing the synthetic benchmark to {synth_dir}", flush=True)
         synthesize(synth_dir, **synth_cfg)
+    _check_runs(runs, cfg["runs"], root)  # once the benchmark, their data, is written
     _check_budgets(runs, synth_dir / f"{split}.jsonl", eval_cfg)  # before any training
     return dict(root=root, synth_dir=synth_dir, runs=runs, steps=steps, split=split, eval_cfg=eval_cfg,
                 threads=threads, started=started)

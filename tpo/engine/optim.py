@@ -61,6 +61,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total
     return LambdaLR(optimizer, lambda step: schedule_factor(step, total_steps, warmup, kind, floor))
 
 
+#: What a resumed run takes from its config, not from the checkpoint (which restores the saving run's).
+_GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def optim_settings(optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> list[dict[str, Any]]:
+    """Each parameter group's settings as this run configured them: its base learning rate (the
+    schedule's) and its weight decay, betas and eps."""
+    return [{"lr": base, **{k: group[k] for k in _GROUP_SETTINGS}}
+            for base, group in zip(scheduler.base_lrs, optimizer.param_groups)]
+
+
+def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                         settings: Sequence[dict[str, Any]]) -> list[str]:
+    """Put each group's ``settings`` (:func:`optim_settings`, taken before a checkpoint's optimiser
+    and scheduler states were loaded) back in place of the checkpoint's, and set each group's rate
+    for the scheduler's current step; returns what differed from the checkpoint, e.g.
+    ``"default: lr 0.01 -> 1e-05"``."""
+    changed = []
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, settings)):
+        saved = {"lr": scheduler.base_lrs[i], **{k: group[k] for k in _GROUP_SETTINGS}}
+        changed += [f"{group.get('name', i)}: {k} {saved[k]} -> {v}" for k, v in want.items() if saved[k] != v]
+        group.update({k: want[k] for k in _GROUP_SETTINGS})
+        scheduler.base_lrs[i] = group["initial_lr"] = want["lr"]
+        group["lr"] = want["lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    return changed
+
+
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """``{"lr/<group name>": current lr}``, one entry per named group."""
     out: dict[str, float] = {}

@@ -5,7 +5,10 @@ in a config runs one training per stage, each a full ``tpo train`` run in
 A stage's dict is merged into the rest of the config (dicts merge key by key,
 anything else is replaced), so a stage names only what changes: its
 algorithm's ``losses`` and ``trainable`` parameters, its data mix, its
-learning rates, its number of steps. A finished stage (its ``report.json``
+learning rates, its number of steps. ``--cfg-options`` edit the config the
+stages merge into; an option that a stage sets itself is refused (set it per
+stage: ``stages.<i>.<key>=...``). The first stage starts from its
+``load_from`` (its own or the config's). A finished stage (its ``report.json``
 written) is not run again; ``resume`` continues the unfinished one from its
 latest checkpoint, so an interrupted recipe resumes where it stopped. A
 finished stage whose config has changed since (in anything but where it logs,
@@ -21,6 +24,7 @@ from typing import Any, Mapping
 
 from tpo.registry import load_config
 
+from .checkpoint import latest_checkpoint
 from .report import REPORT_FILE
 
 
@@ -38,18 +42,19 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def training_keys(cfg: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+def training_keys(cfg: Mapping[str, Any], source: str | None,
+                  cfg_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``cfg`` without the names a ``_base_`` file brought in that are not
-    training keys (its ``vision_encoder = ...``, say); the file's own unknown
-    names stay, so that the config check reports them."""
+    training keys (its ``vision_encoder = ...``, say); the unknown names of the
+    file itself and of ``cfg_options`` stay, so that the config check reports them."""
     from .config import TOP_LEVEL, own_keys
 
-    own = own_keys(source) if source else set(cfg)
+    own = own_keys(source) | {k.split(".")[0] for k in cfg_options or {}} if source else set(cfg)
     return {k: v for k, v in cfg.items() if k in TOP_LEVEL or k in own or k == "stages"}
 
 
 def stage_configs(cfg: Mapping[str, Any], work_dir: str | os.PathLike) -> list[tuple[str, Path, dict]]:
-    """``(name, work_dir, config)`` of each stage, ``load_from`` not yet set."""
+    """``(name, work_dir, config)`` of each stage; a later stage's ``load_from`` is set when it runs."""
     stages = cfg.get("stages")
     if not isinstance(stages, (list, tuple)) or not stages:
         raise ValueError("stages: must be a non-empty list of dicts, each with a 'name' and the keys it overrides")
@@ -91,21 +96,65 @@ def _changed_since_finished(stage_dir: Path, cfg: Mapping[str, Any], first: bool
             if not any(d[0] == k or d[0].startswith(k + ".") for k in ignored)]
 
 
+def _overriding_key(stage: Mapping[str, Any], parts: list[str]) -> str | None:
+    """The key of a stage's dict that replaces the value at the dotted key ``parts`` (the value
+    itself, or a dict holding it that the stage replaces whole), or None where the stage leaves it."""
+    head, *rest = parts
+    if head not in stage:
+        return None
+    value = stage[head]
+    if not rest or not isinstance(value, Mapping) or value.get("_delete_"):
+        return head
+    inner = _overriding_key(value, rest)
+    return None if inner is None else f"{head}.{inner}"
+
+
+def _refuse_overridden_options(stages: list[Mapping[str, Any]], cfg_options: Mapping[str, Any] | None) -> None:
+    """--cfg-options edit the config the stages are merged into, where a stage's own value wins. An
+    option that a stage overrides is refused rather than applied over the stage: a recipe's stages
+    differ on purpose (their steps, learning rates, data; a stage may replace data.train whole, where
+    the option's key does not even fit), and which of them a user meant to flatten cannot be told.
+    The error names the per-stage keys (``stages.<i>.<key>``, as the experiment configs set them)."""
+    for key in cfg_options or {}:
+        if key.split(".")[0] == "stages":
+            continue
+        hits = [(i, stage["name"], where) for i, stage in enumerate(stages)
+                if (where := _overriding_key(stage, key.split("."))) is not None]
+        if hits:
+            setters = ", ".join(f"stage {name!r} sets stages.{i}.{where}" for i, name, where in hits)
+            raise ValueError(
+                f"--cfg-options {key}: {setters}"
+                f", and a stage's own value wins over the option; set it per stage instead, at or inside those keys "
+                f"(e.g. --cfg-options stages.{hits[0][0]}.{hits[0][2]}=...)"
+            )
+
+
 def check_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: str | None = None
                  ) -> tuple[dict[str, Any], Path, list[tuple[str, Path, dict[str, Any]]]]:
     """Check every stage's config (nothing is built or trained); returns the
     recipe's config, its work dir and the plan ``[(name, stage dir, config)]``.
     Errors name the stage."""
-    from .config import validate
-
     source = str(config) if isinstance(config, (str, os.PathLike)) else None
-    cfg = training_keys(load_config(config, cfg_options).to_dict(), source)
+    cfg = load_config(config, cfg_options).to_dict()
     stem = Path(str(config)).stem if isinstance(config, (str, os.PathLike)) else "stages"
     root = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / stem)
+    return check_stage_plan(cfg, root, source, cfg_options)
+
+
+def check_stage_plan(cfg: Mapping[str, Any], root: Path, source: str | None = None,
+                     cfg_options: Mapping[str, Any] | None = None
+                     ) -> tuple[dict[str, Any], Path, list[tuple[str, Path, dict[str, Any]]]]:
+    """:func:`check_stages` of a config already loaded (from the file ``source``, with
+    ``cfg_options`` applied), its stages in ``root``."""
+    from .config import validate
+
+    cfg = training_keys(cfg, source, cfg_options)
     plan = stage_configs(cfg, root)
+    _refuse_overridden_options(cfg["stages"], cfg_options)
     for i, (name, stage_dir, stage_cfg) in enumerate(plan):  # every config error before any training
         try:
-            checked = validate(load_config(dict(stage_cfg, work_dir=str(stage_dir))), source=source)
+            checked = validate(load_config(dict(stage_cfg, work_dir=str(stage_dir))), source=source,
+                               cfg_options=cfg_options)
         except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
             raise type(err)(f"stage {name!r}: {err.args[0] if err.args else err}") from None
         changed = _changed_since_finished(stage_dir, checked, first=i == 0)
@@ -129,16 +178,17 @@ def run_stages(config, cfg_options: Mapping[str, Any] | None = None, work_dir: s
     Every stage's config is checked before the first one trains."""
     from .trainer import Trainer
 
-    cfg, root, plan = check_stages(config, cfg_options, work_dir)
-    previous = cfg.get("load_from")
-    reports = []
-    for name, stage_dir, stage_cfg in plan:
+    _, root, plan = check_stages(config, cfg_options, work_dir)
+    previous, reports = None, []
+    for i, (name, stage_dir, stage_cfg) in enumerate(plan):
         report_file = stage_dir / REPORT_FILE
         if report_file.is_file():
             report = json.loads(report_file.read_text())
         else:
-            stage_cfg = dict(stage_cfg, load_from=previous, work_dir=str(stage_dir))
-            has_ckpt = (stage_dir / "checkpoints").is_dir() and any((stage_dir / "checkpoints").iterdir())
+            if i > 0:  # the first stage starts from its load_from (its own, or the recipe's)
+                stage_cfg = dict(stage_cfg, load_from=previous)
+            stage_cfg = dict(stage_cfg, work_dir=str(stage_dir))
+            has_ckpt = latest_checkpoint(stage_dir / "checkpoints") is not None
             stage_cfg = {k: v for k, v in stage_cfg.items() if not k.startswith("_")}
             report = Trainer(stage_cfg, resume=bool(resume and has_ckpt)).fit()
             if not report and report_file.is_file():  # another process than the main one: the main one wrote it

@@ -37,7 +37,7 @@ from tpo.registry import build_algorithm, build_dataset, build_metric, build_mod
 from . import checkpoint as ckpt
 from .config import validate
 from .logger import MetricLogger, Progress
-from .optim import build_optimizer, build_scheduler, group_learning_rates
+from .optim import apply_optim_settings, build_optimizer, build_scheduler, group_learning_rates, optim_settings
 from .report import write_report
 from .sampler import EvalSampler, StepBatchSampler
 
@@ -171,7 +171,8 @@ class Trainer:
         cfg_options: dotted overrides (``--cfg-options``).
         work_dir: overrides ``cfg.work_dir``.
         resume: ``True`` resumes from the latest checkpoint of the work dir, a
-            path from that checkpoint; an error when there is none.
+            path from that checkpoint; an error when there is none. A new run
+            (``False``) in a work dir that holds checkpoints is an error too.
         model, train_dataset, val_dataset, collate_fn: ready-made parts used
             instead of building them from the config (tests, notebooks).
 
@@ -269,10 +270,14 @@ class Trainer:
         batch = train["batch_size"]
         micro = train["micro_batch_size"] or max(1, batch // world)
         if batch % (micro * world):
+            if batch % world == 0:  # a smaller micro-batch fits: the largest that divides each process's share
+                fix = f"train.micro_batch_size={max(d for d in range(1, micro + 1) if batch // world % d == 0)}"
+            else:  # no micro-batch fits: the global batch must change (or the number of processes)
+                fix = (f"train.batch_size={max(1, round(batch / (micro * world))) * micro * world}, or a number of "
+                       f"processes that divides {batch}")
             raise ValueError(
                 f"train.batch_size: {batch} samples per step must be a multiple of train.micro_batch_size "
-                f"({micro}) x processes ({world}); change either, e.g. train.micro_batch_size="
-                f"{max(1, batch // world) if batch % world == 0 else 1}"
+                f"({micro}) x processes ({world}); e.g. {fix}"
             )
         return micro, batch // (micro * world)
 
@@ -285,19 +290,45 @@ class Trainer:
         return train, val
 
     def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from, or None for a new run: refused in a work dir that holds
+        checkpoints (its final checkpoint would be pruned as older than theirs, and a later --resume
+        would continue their run)."""
+        latest = ckpt.latest_checkpoint(self.work_dir / "checkpoints")
         if not self.resume:
+            if latest is not None:
+                raise ValueError(
+                    f"work_dir: {str(self.work_dir)!r} holds the checkpoints of an earlier run (the latest "
+                    f"{latest.name}); pass --resume (resume=True) to continue it, or start a new run in another "
+                    f"--work-dir or after removing {str(latest.parent)!r}"
+                )
             return None
         if self.resume is True or self.resume == "auto":
-            path = ckpt.latest_checkpoint(self.work_dir / "checkpoints")
-            if path is None:
+            if latest is None:
                 raise FileNotFoundError(
                     f"--resume: no checkpoint in {str(self.work_dir / 'checkpoints')!r}; start without --resume, or "
                     "give --work-dir of the run to continue"
                 )
-            return path
+            return latest
         path = Path(self.resume)
         ckpt.read_state(path)  # a complete checkpoint, or a clear error
         return path
+
+    def _check_resumable(self, path: Path, num_samples: int) -> None:
+        """What must not change for a resumed run to continue exactly: the global batch, and the
+        data order of the epoch it is in (``train.seed`` and the training set's length)."""
+        state, train = ckpt.read_state(path), self.cfg["train"]
+        saved = state.get("num_samples", num_samples)  # (checkpoints of earlier versions do not say)
+        for key, before, now, what in [
+            ("train.batch_size", state["global_batch_size"], train["batch_size"], "global batch"),
+            ("train.seed", state["seed"], train["seed"], "seed (it orders the samples of every epoch)"),
+            ("data.train", f"{saved} samples", f"{num_samples} samples",
+             "training set (its length orders the samples of every epoch)"),
+        ]:
+            if before != now:
+                raise ValueError(
+                    f"{key}: {now}, but the checkpoint {str(path)!r} was trained with {before}; resuming needs "
+                    f"the same {what}: set it back, or start a new run in another --work-dir"
+                )
 
     # -------------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
@@ -334,8 +365,9 @@ class Trainer:
                 )
         seed = train["seed"]
 
-        # data first: its errors come before any model is built
+        # the work dir and data first: their errors come before any model is built
         with _setup_errors():
+            resume_path = self._resume_path()
             train_ds, val_ds = self._datasets()
             steps_per_epoch = len(train_ds) // train["batch_size"]
             if steps_per_epoch == 0:
@@ -344,7 +376,8 @@ class Trainer:
                     f"samples of data.train); lower it or add data"
                 )
             total = train["max_steps"] or train["max_epochs"] * steps_per_epoch
-            resume_path = self._resume_path()
+            if resume_path is not None:
+                self._check_resumable(resume_path, len(train_ds))
 
         # model and algorithm (the same seed on every process: the same initial weights)
         set_seed(seed)
@@ -380,20 +413,19 @@ class Trainer:
         ckpt_root = self.work_dir / "checkpoints"
 
         step, epoch, step_in_epoch = 0, 0, 0
+        last_eval = last_save = None
+        changed_optim: list[str] = []
         if resume_path is not None:
+            configured = optim_settings(optimizer, scheduler)
             state = ckpt.load_checkpoint(acc, resume_path)
-            if state["global_batch_size"] != train["batch_size"]:
-                raise ValueError(
-                    f"train.batch_size: {train['batch_size']}, but the checkpoint {str(resume_path)!r} was trained "
-                    f"with {state['global_batch_size']}; resuming needs the same global batch"
-                )
             step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
             own = ckpt.load_process_state(resume_path, rank, world, state.get("num_processes", 1))
             if own is not None:
                 algo.load_process_state(own)
-            # the rates of the next step under this run's schedule (max_steps may have grown since the save)
-            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
+            # this run's optimiser settings and schedule (max_steps may have grown since the save), not the saved
+            changed_optim = apply_optim_settings(optimizer, scheduler, configured)
+            # the checkpoint is this step's: not saved again, nor its validation run again (a finished run)
+            last_save, last_eval = step, (step if state.get("evaluated") else None)
         last_ckpt = str(resume_path) if resume_path is not None else None
 
         main = acc.is_main_process
@@ -405,18 +437,19 @@ class Trainer:
                               tensorboard=train["tensorboard"])
         progress = Progress(total, initial=step, enabled=main and train["progress_bar"])
         if main:
-            progress.write(self._summary(algo, groups, world, micro, accum, total, steps_per_epoch, resume_path))
+            progress.write(self._summary(algo, groups, world, micro, accum, total, steps_per_epoch, resume_path,
+                                         changed_optim))
 
         sampler = StepBatchSampler(len(train_ds), micro, accum, world, rank, seed)
         ckpt_cfg, eval_cfg = cfg["checkpoint"], cfg["evaluation"]
         started, start_step = time.time(), step
-        last_eval = last_save = None
 
         def save(at: int) -> str:
             state = {"step": at, "epoch": epoch, "step_in_epoch": step_in_epoch, "total_steps": total,
                      "steps_per_epoch": steps_per_epoch, "global_batch_size": train["batch_size"],
                      "micro_batch_size": micro, "grad_accum": accum, "num_processes": world, "seed": seed,
-                     "samples_seen": at * train["batch_size"], "time": time.time()}
+                     "num_samples": len(train_ds), "samples_seen": at * train["batch_size"],
+                     "evaluated": last_eval == at, "time": time.time()}
             return str(ckpt.save_checkpoint(acc, ckpt_root, at, state, ckpt_cfg["keep_last"],
                                             process_state=algo.process_state()))
 
@@ -445,7 +478,9 @@ class Trainer:
                         (v for k, v in record.items() if k.startswith("lr/")), 0.0)), record["samples_per_s"])
                     if step % train["log_interval"] == 0 or step == total:
                         self.history.append(logger.log(step, record))
-                    if val_ds is not None and eval_cfg["interval"] and step % eval_cfg["interval"] == 0:
+                    # the last step's validation comes before its checkpoint, which records it
+                    at_end = eval_cfg["at_end"] and step == total
+                    if val_ds is not None and (at_end or eval_cfg["interval"] and step % eval_cfg["interval"] == 0):
                         self.history.append(logger.log(step, self.evaluate(acc, algo, val_ds, collate, metrics,
                                                                             eval_bs, eval_cfg), "val"))
                         last_eval = step
@@ -454,9 +489,10 @@ class Trainer:
                     if end_of_epoch or step >= total:
                         break
 
-            if val_ds is not None and eval_cfg["at_end"] and last_eval != step:
+            if val_ds is not None and eval_cfg["at_end"] and last_eval != step:  # a resumed run that had ended before it
                 self.history.append(logger.log(step, self.evaluate(acc, algo, val_ds, collate, metrics, eval_bs,
                                                                     eval_cfg), "val"))
+                last_eval = step
             if ckpt_cfg["save_final"] and last_save != step:
                 last_ckpt = save(step)
         finally:
@@ -622,7 +658,8 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------- info
-    def _summary(self, algo, groups, world, micro, accum, total, steps_per_epoch, resume_path) -> str:
+    def _summary(self, algo, groups, world, micro, accum, total, steps_per_epoch, resume_path,
+                 changed_optim) -> str:
         lines = [
             f"tpo train: {self.cfg['algorithm']['type']} on {self.cfg['model']['type']} -> {self.work_dir}",
             (f"  {world} process(es) x micro-batch {micro} x accumulation {accum} = global batch "
@@ -634,6 +671,8 @@ class Trainer:
                          f"{len(g['params'])} tensors, {count:,} parameters")
         if resume_path is not None:
             lines.append(f"  resuming from {resume_path}")
+        if changed_optim:
+            lines.append("  with this config's optimiser settings, not the checkpoint's: " + "; ".join(changed_optim))
         return "\n".join(lines)
 
 

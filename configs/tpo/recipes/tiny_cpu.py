@@ -1,6 +1,8 @@
 # TPO's three-stage recipe on the tiny timm + MLP + Llama model, CPU-sized.
-# Data: a synthetic benchmark written by `tpo data synth --out work_dirs/synth ...`
-# (point the dataset files elsewhere with --cfg-options, or `tpo experiment` re-roots them).
+# Data: a synthetic benchmark written by `tpo data synth --out work_dirs/synth ...` (`tpo experiment`
+# re-roots it; elsewhere, point each stage's files with --cfg-options: stages.0.data.train.ann_file=...,
+# stages.1.data.train.ann_file=..., stages.2.data.train.datasets.0.ann_file=... and ...datasets.1.ann_file=...;
+# data.train.ann_file is refused, since the cotrain stage replaces data.train whole).
 _base_ = ["../timm_mlp_llama.py"]
 
 _data_root = "work_dirs/synth"
