@@ -304,3 +304,17 @@ def test_the_trivial_tracker_keeps_the_tracks_box_on_its_first_sampled_frame(tmp
     assert json.loads((tmp_path / "p.jsonl").read_text())["init"] == [0.1, 0.1, 0.5, 0.5]
     ious = np.array([1.0, 1 / 3, 1.0])  # the prompt box against frames 1, 2, 3
     assert report["track/auc"] == pytest.approx(np.mean([(ious > t).mean() for t in np.linspace(0, 1, 21)]))
+
+
+def test_videos_of_another_frame_count_than_the_model_reads_are_refused_before_answering(dataset):
+    """The model would resample them to its own frames and its per-frame masks and tracks would be scored against
+    other frames."""
+    from tpo.registry import build_model
+
+    model = build_model("configs/tpo/timm_mlp_llama.py")  # reads 4 frames
+    two = SampleDataset(dataset.ann_file, num_frames=2)
+    with pytest.raises(ValueError, match=r"2 frames per video but the model reads 4: .*num_frames=4"):
+        evaluate(model, two, limit=1)
+    videos = (item for item in two if item["media_type"] == "video" and item["meta"]["task"] == "qa")  # item by item
+    with pytest.raises(ValueError, match=r"sample '.*' has 2 frames per video but the model reads 4"):
+        evaluate(model, videos, limit=1)

@@ -88,14 +88,18 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
 
     check_predictions_path(predictions)
     tokenizer = getattr(model, "tokenizer", None)
+    frames = getattr(getattr(model, "processor", None), "num_frames", None)
     if tokenizer is not None and hasattr(dataset, "samples"):  # a SampleDataset: checked before any answer
         check_answer_budget(tokenizer, dataset, max_new_tokens, limit)
+        _check_frames(getattr(dataset, "num_frames", None), frames)
     model.eval()
     is_tpo = isinstance(model, TPOModel)
 
     def answer(item: dict) -> tuple[str, dict]:
         if tokenizer is not None and not hasattr(dataset, "samples"):  # any other iterable: item by item
             _check_budget(tokenizer, [(item["conversations"], item.get("meta") or {}, item.get("id"))], max_new_tokens)
+        if item["media_type"] == "video":
+            _check_frames(item["media"].shape[0], frames, item.get("id"))
         media = {"image" if item["media_type"] == "image" else "video": item["media"]}
         if is_tpo:
             inputs = {"output_size": tuple(item["media"].shape[-2:])}
@@ -114,6 +118,16 @@ def evaluate(model, dataset: Iterable[dict], max_new_tokens: int = 48, limit: in
                     for task, kind in _TASK_ANNOTATION.items()}
         expected["qa"] = []
     return _score(dataset, answer, limit, predictions, expected)
+
+
+def _check_frames(given: int | None, model_frames: int | None, sample=None) -> None:
+    """A video's frames must be the model's: its per-frame masks and tracks are scored frame by frame against
+    the sample's, and the model resamples any other number of frames to its own."""
+    if given is None or model_frames is None or given == model_frames:
+        return
+    where = "the dataset samples" if sample is None else f"sample {sample!r} has"
+    raise ValueError(f"{where} {given} frames per video but the model reads {model_frames}: build the dataset with "
+                     f"num_frames={model_frames} (data.<split>.num_frames; `tpo eval` takes the model's)")
 
 
 _TASK_ANNOTATION = {"grounding": "boxes", "temporal_grounding": "spans", "segmentation": "masks",
