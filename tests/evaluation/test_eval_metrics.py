@@ -52,12 +52,16 @@ def test_extract_choice():
     assert extract_choice("Blue and green", options) is None
     for text, letter in (("The answer is b.", "B"), ("Answer: (c)", "C"), ("answer is C because", "C")):
         assert extract_choice(text, options) == letter, text  # checked against the options in upper case
-    # an article is not a letter: a leading letter counts before ")", ".", ":", "," or the end only
+    # an article is not a letter: "A" or "I" before a lower-case word is not read as a leading letter
     animals = ["a dog", "a cat", "a bird"]
     assert extract_choice("A cat.", animals) == "B" and qa_correct("A cat.", "B", "mc", animals)
     assert extract_choice("The answer is a bird", animals) is None  # not A
     assert extract_choice("A cat", None) is None and extract_choice("the answer is a dog", None) is None
     assert [extract_choice(t, animals) for t in ("B: a cat", "(A) a dog", "A.", "C")] == ["B", "A", "A", "C"]
+    # any other leading letter before a space is the choice (a small model's "B The The ..."), and "A" before
+    # anything but a lower-case word
+    for text, letter in (("B The The The", "B"), ("C the bird", "C"), ("A The", "A"), ("A  B", "A")):
+        assert extract_choice(text, animals) == letter, text
 
 
 def test_qa_correct_and_accuracy():

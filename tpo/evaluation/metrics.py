@@ -43,18 +43,18 @@ def normalize_answer(text: str) -> str:
     return " ".join(NUMBER_WORDS.get(t, t) for t in tokens if t not in ARTICLES)
 
 
-# a letter at the start counts when followed by ")", ".", ":", "," or the end ("B.", "(B) dog"), not by a
-# word ("A cat": an article); after "answer is" also before a space when upper case ("the answer is B because",
-# not "the answer is a dog")
-_LEADING_LETTER = re.compile(r"^\s*\(?([A-Z])(?=$|[.):,])")
+# a letter at the start counts when followed by ")", ".", ":", ",", a space or the end ("B.", "(B) dog", "B the
+# red one"), except "A" or "I" before a lower-case word ("A cat", "I think": an article, a pronoun); after
+# "answer is" also before a space when upper case ("the answer is B because", not "the answer is a dog")
+_LEADING_LETTER = re.compile(r"^\s*\(?([A-Z])(?=$|[.):,\s])(?!(?<=[AI])\s+[a-z])")
 _ANSWER_LETTER = re.compile(r"(?i:answer\s*(?:is)?\s*:?)\s*\(?([A-Za-z])(?=$|[.):,]|(?<=[A-Z])\s)")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 
 
 def extract_choice(prediction: str, options: Sequence[str] | None = None) -> str | None:
     """The option letter a prediction chooses: (given ``options``) the text of
-    one option, else a leading ``B``/``(B)``/``B.``/``B:`` (not ``A`` of ``"A
-    cat"``), ``answer is B``/``answer: (b)``, or a lone ``(B)``; ``None`` when
+    one option, else a leading ``B``/``(B)``/``B.``/``B:``/``B the ...`` (not
+    ``A`` of ``"A cat"``), ``answer is B``/``answer: (b)``, or a lone ``(B)``; ``None`` when
     it names none (or a letter past the options)."""
     text = str(prediction).strip()
     if options:  # an option's own text first: "A cat." is option "a cat", not letter A
