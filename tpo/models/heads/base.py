@@ -52,6 +52,19 @@ def check_positive_int(value: Any, key: str) -> int:
     return value
 
 
+def check_attention_width(hidden_dim: Any, num_heads: Any, multiple: int = 4) -> int:
+    """``hidden_dim`` of a head that attends with ``num_heads`` heads and adds sine position embeddings:
+    a positive integer, a multiple of ``multiple`` (4: 2-D embeddings, 2: 1-D) and of ``num_heads``."""
+    check_positive_int(hidden_dim, "hidden_dim")
+    check_positive_int(num_heads, "num_heads")
+    if hidden_dim % num_heads or hidden_dim % multiple:
+        raise ValueError(
+            f"{current_config_key('hidden_dim')}: {hidden_dim} must be a multiple of {multiple} and of "
+            f"num_heads={num_heads}"
+        )
+    return hidden_dim
+
+
 def check_nonneg_float(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{current_config_key(key)}: must be a finite number >= 0, got {value!r}")

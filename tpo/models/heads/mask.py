@@ -30,6 +30,7 @@ from .base import (
     as_target_tensor,
     batch_size_check,
     build_loss_module,
+    check_attention_width,
     check_nonneg_float,
     check_positive_int,
     grid_sine_embedding,
@@ -141,12 +142,7 @@ class MaskDecoderHead(MaskLossMixin, TaskHead):
     ):
         super().__init__(in_dim)
         self.visual_dim = check_positive_int(visual_dim, "visual_dim")
-        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
-        check_positive_int(num_heads, "num_heads")
-        if hidden_dim % num_heads or hidden_dim % 4:
-            raise ValueError(
-                f"{current_config_key('hidden_dim')}: {hidden_dim} must be a multiple of 4 and of num_heads={num_heads}"
-            )
+        self.hidden_dim = check_attention_width(hidden_dim, num_heads)
         if isinstance(num_upsample, bool) or not isinstance(num_upsample, int) or not 0 <= num_upsample <= 4:
             raise ValueError(
                 f"{current_config_key('num_upsample')}: must be an integer in [0, 4], got {num_upsample!r}"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tpo.losses.task import span_cw_to_se
 from tpo.models.matching import SpanMatcher
-from tpo.registry import TASK_HEADS, current_config_key
+from tpo.registry import TASK_HEADS
 
 from .base import (
     MLP,
@@ -27,6 +27,7 @@ from .base import (
     as_target_tensor,
     batch_size_check,
     build_loss_module,
+    check_attention_width,
     check_nonneg_float,
     check_positive_int,
     frame_times,
@@ -153,13 +154,8 @@ class MomentDETRHead(TaskHead):
     ):
         super().__init__(in_dim)
         self.visual_dim = check_positive_int(visual_dim, "visual_dim")
-        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
+        self.hidden_dim = check_attention_width(hidden_dim, num_heads, multiple=2)
         self.num_queries = check_positive_int(num_queries, "num_queries")
-        check_positive_int(num_heads, "num_heads")
-        if hidden_dim % num_heads or hidden_dim % 2:
-            raise ValueError(
-                f"{current_config_key('hidden_dim')}: {hidden_dim} must be even and divisible by num_heads={num_heads}"
-            )
         ffn_dim = check_positive_int(ffn_dim if ffn_dim is not None else 4 * hidden_dim, "ffn_dim")
         dropout = check_nonneg_float(dropout, "dropout")
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tpo.losses.task import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from tpo.registry import TASK_HEADS, current_config_key
+from tpo.registry import TASK_HEADS
 
 from .base import (
     MLP,
@@ -18,6 +18,7 @@ from .base import (
     batch_size_check,
     box_cell_overlap,
     build_loss_module,
+    check_attention_width,
     check_nonneg_float,
     check_positive_int,
     frame_times,
@@ -104,12 +105,7 @@ class TrackHead(TaskHead):
     ):
         super().__init__(in_dim)
         self.visual_dim = check_positive_int(visual_dim, "visual_dim")
-        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
-        check_positive_int(num_heads, "num_heads")
-        if hidden_dim % num_heads or hidden_dim % 4:
-            raise ValueError(
-                f"{current_config_key('hidden_dim')}: {hidden_dim} must be a multiple of 4 and of num_heads={num_heads}"
-            )
+        self.hidden_dim = check_attention_width(hidden_dim, num_heads)
         dropout = check_nonneg_float(dropout, "dropout")
         self.query_proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.box_encoder = BoxEncoder(
