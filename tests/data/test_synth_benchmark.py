@@ -520,6 +520,28 @@ def test_objects_sets_the_shapes_in_a_scene(tmp_path):
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["objects"] == [1, 2]
 
 
+def test_max_speed_sets_how_fast_shapes_move(tmp_path):
+    """The default is the benchmark (its scenes are the same with and without the argument); a faster setting
+    changes the movers' speeds and nothing else drawn before them; the text follows the pixels."""
+    assert all(make_scene(i, 0, frames=8, size=32).labels.tobytes()
+               == make_scene(i, 0, frames=8, size=32, max_speed=2).labels.tobytes() for i in range(10))
+    speeds = {s.speed for i in range(80) for s in make_scene(i, 0, frames=8, size=32, max_speed=6).shapes if s.moves}
+    assert speeds == {2, 3, 4, 5, 6}
+    for i in range(30):  # what moves, where and how far: the rendered pixels agree
+        scene = make_scene(i, 1, frames=4, size=32, max_speed=6)
+        for k, shape in enumerate(scene.shapes):
+            if shape.moves and shape.present(shape.move_first - 1) and shape.present(shape.move_first):
+                before, after = (np.argwhere(scene.visible(k, t)).mean(0)
+                                 for t in (shape.move_first - 1, shape.move_first))
+                assert abs(np.abs(after - before).max() - shape.speed) < 1.0
+    summary = synthesize(tmp_path, num=3, frames=4, size=32, max_speed=5)
+    assert summary["max_speed"] == 5
+    assert synthesize(tmp_path / "default", num=3, frames=4, size=32)["max_speed"] == 2
+    for bad in (1, 9, 2.5, True):
+        with pytest.raises(ValueError, match=r"max_speed .* from 2 to size // 4 = 8"):
+            synthesize(tmp_path / "bad", num=1, size=32, max_speed=bad)
+
+
 @pytest.mark.parametrize("objects", [(0, 2), (3, 2), (1, 9), (1,), (1.0, 2), (True, 2)])
 def test_bad_objects_are_named(tmp_path, objects):
     with pytest.raises(ValueError, match="objects"):

@@ -40,6 +40,7 @@ seed gives the same files on any machine and with any number of workers.
 Command line (``tpo data synth`` calls :func:`main`)::
 
     tpo data synth --out DIR --num N --seed S [--frames T --size H] [--preference-pairs all] [--objects 1 1]
+        [--max-speed 4]
 
 writes ``DIR/{train,val,test}.jsonl``, ``DIR/media/`` and ``DIR/summary.json``.
 """
@@ -245,12 +246,17 @@ def _scene_ok(shapes: list[Shape], labels: np.ndarray, size: int) -> bool:
     return True
 
 
+def default_max_speed(size: int) -> int:
+    """The fastest a shape moves by default, in pixels a frame: 2 up to 59-pixel frames, ``size // 20`` above."""
+    return max(2, size // 20)
+
+
 def _draw_shapes(rng: np.random.Generator, frames: int, size: int, is_video: bool,
-                 objects: tuple[int, int] = (2, 4)) -> list[Shape]:
+                 objects: tuple[int, int] = (2, 4), max_speed: int | None = None) -> list[Shape]:
     n = int(rng.integers(objects[0], objects[1] + 1))
     colors = [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
     r_min, r_max = max(3, size // 12), max(4, size // 7)
-    max_speed = max(2, size // 20)
+    max_speed = default_max_speed(size) if max_speed is None else max_speed
     shapes: list[Shape] = []
     for color in colors:
         shape = str(rng.choice(SHAPES))
@@ -296,15 +302,17 @@ def _draw_shapes(rng: np.random.Generator, frames: int, size: int, is_video: boo
 
 
 def make_scene(index: int, seed: int, frames: int = 8, size: int = 64, image_fraction: float = 0.25,
-               objects: tuple[int, int] = (2, 4)) -> Scene:
+               objects: tuple[int, int] = (2, 4), max_speed: int | None = None) -> Scene:
     """Draw and render scene ``index`` of the benchmark of ``seed`` (deterministic), with
-    ``objects[0]``..``objects[1]`` shapes (inclusive)."""
+    ``objects[0]``..``objects[1]`` shapes (inclusive), moving shapes 2 to ``max_speed`` pixels a frame
+    (:func:`default_max_speed` when ``None``; the speed is one draw whatever its range, so the scenes differ
+    only in how fast their shapes move)."""
     rng = np.random.default_rng([seed, index])
     is_video = bool(rng.random() >= image_fraction) and frames > 1
     t = frames if is_video else 1
     background = str(rng.choice(list(BACKGROUNDS)))
     for _ in range(1000):
-        shapes = _draw_shapes(rng, t, size, is_video, objects)
+        shapes = _draw_shapes(rng, t, size, is_video, objects, max_speed)
         labels = _render(shapes, t, size)
         if _scene_ok(shapes, labels, size):
             return Scene(index, background, shapes, labels, is_video)
@@ -717,8 +725,8 @@ def split_of(index: int, num: int, fractions: Sequence[float] = (0.8, 0.1, 0.1))
 
 
 def _write_scene(args) -> list[dict]:
-    index, num, seed, frames, size, image_fraction, objects, fractions, out_dir, preference_pairs = args
-    scene = make_scene(index, seed, frames, size, image_fraction, objects)
+    index, num, seed, frames, size, image_fraction, objects, max_speed, fractions, out_dir, preference_pairs = args
+    scene = make_scene(index, seed, frames, size, image_fraction, objects, max_speed)
     split = split_of(index, num, fractions)
     if scene.is_video:
         rel = f"media/scene{index:06d}.npy"
@@ -743,6 +751,7 @@ def synthesize(
     verbose: bool = False,
     preference_pairs: str = "one",
     objects: Sequence[int] = (2, 4),
+    max_speed: int | None = None,
 ) -> dict:
     """Render ``num`` scenes (each gives about 8 image or 13 video samples)
     into ``out_dir``: ``{train,val,test}.jsonl``, ``media/`` and
@@ -753,7 +762,9 @@ def synthesize(
     unchanged). ``objects``: the least and most shapes in a scene (inclusive;
     by default 2 to 4: the benchmark; ``(1, 1)``, a scene of one shape, is its
     easiest form: no question then needs telling shapes apart, and none asks
-    for an order of appearance). Returns the summary (counts per split, task, question
+    for an order of appearance). ``max_speed``: the fastest a shape moves, pixels a frame (default
+    :func:`default_max_speed`: 2 at 32 and 64 pixels; faster shapes make tracking harder to do by keeping
+    the first box). Returns the summary (counts per split, task, question
     type, answer type and localisation; plus timing, which summary.json leaves
     out so that the files of a seed are identical run to run)."""
     if num < 1:
@@ -771,12 +782,16 @@ def synthesize(
             or not 1 <= objects[0] <= objects[1] <= len(COLORS)):
         raise ValueError(f"objects is (least, most) shapes in a scene, integers with 1 <= least <= most <= "
                          f"{len(COLORS)} (one colour each), got {list(objects)}")
+    max_speed = default_max_speed(size) if max_speed is None else max_speed
+    if isinstance(max_speed, bool) or not isinstance(max_speed, int) or not 2 <= max_speed <= size // 4:
+        raise ValueError(f"max_speed (pixels a frame) must be an integer from 2 to size // 4 = {size // 4}, "
+                         f"got {max_speed!r}")
     if len(splits) != 3 or any(f < 0 for f in splits) or sum(splits) <= 0:
         raise ValueError(f"splits are three non-negative fractions (train, val, test), got {list(splits)}")
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "media"), exist_ok=True)
     start = time.perf_counter()
-    jobs = [(i, num, seed, frames, size, image_fraction, objects, tuple(splits), out_dir, preference_pairs)
+    jobs = [(i, num, seed, frames, size, image_fraction, objects, max_speed, tuple(splits), out_dir, preference_pairs)
             for i in range(num)]
     handles = {s: open(os.path.join(out_dir, f"{s}.jsonl"), "w", encoding="utf-8") for s in SPLITS}
     counts = {key: Counter() for key in ("splits", "scenes", "tasks", "question_types", "answer_types", "localisation")}
@@ -814,7 +829,7 @@ def synthesize(
     n_samples = sum(counts["splits"].values())
     summary = {
         "version": VERSION, "seed": seed, "frames": frames, "size": size, "image_fraction": image_fraction,
-        "objects": list(objects), "num_scenes": num, "split_fractions": [float(f) for f in splits],
+        "objects": list(objects), "max_speed": max_speed, "num_scenes": num, "split_fractions": [float(f) for f in splits],
         "num_samples": n_samples, "preference_pairs": preference_pairs,
         "media": dict(sorted(media.items())),
         "splits": {s: {"scenes": counts["scenes"][s], "samples": counts["splits"][s]} for s in SPLITS},
@@ -846,6 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes")
     parser.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("LEAST", "MOST"),
                         help="shapes in a scene (inclusive); 1 1 is the easiest form of the benchmark")
+    parser.add_argument("--max-speed", type=int, default=None,
+                        help="fastest a shape moves, pixels a frame (default 2, or size // 20 above 59 pixels)")
     parser.add_argument("--preference-pairs", choices=PREFERENCE_PAIRS, default="one",
                         help="preference pairs: one per scene (a random question's) or one per question")
     return parser
@@ -860,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = synthesize(
             args.out, args.num, args.seed, frames=args.frames, size=args.size, image_fraction=args.image_fraction,
             splits=args.splits, workers=args.workers, verbose=True, preference_pairs=args.preference_pairs,
-            objects=tuple(args.objects),
+            objects=tuple(args.objects), max_speed=args.max_speed,
         )
     except ValueError as err:  # synthesize checks its arguments before it writes anything
         parser.error(str(err))

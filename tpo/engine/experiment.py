@@ -125,7 +125,9 @@ def _benchmark_params(synth_cfg: Mapping[str, Any]) -> dict:
     given.update(synth_cfg)
     return as_json({
         "version": synth.VERSION, "seed": given["seed"], "frames": given["frames"], "size": given["size"],
-        "image_fraction": given["image_fraction"], "objects": list(given["objects"]), "num_scenes": given["num"],
+        "image_fraction": given["image_fraction"], "objects": list(given["objects"]),
+        "max_speed": synth.default_max_speed(given["size"]) if given["max_speed"] is None else given["max_speed"],
+        "num_scenes": given["num"],
         "split_fractions": [float(f) for f in given["splits"]], "preference_pairs": given["preference_pairs"],
     })
 
