@@ -112,10 +112,10 @@ class RegionDecoderHead(_BoxLossMixin, TaskHead):
     (``tpo data synth`` images at 32 px, 2-4 shapes, through the tiny
     configs' frozen random ViT with its 4x4 patches; hidden 64, one layer;
     the query a learnt embedding of the named shape's colour and kind;
-    1,500 steps of 64; 904 test boxes) the MLP head reached Acc@0.5 0.01 and 0.00 where this head
-    reached 0.28 from 111 training boxes and 0.72 from 5,937
-    (``tests/models/test_heads.py`` checks the same on lit cells: mean IoU
-    0.89 against the MLP's 0.03).
+    1,500 steps of 64; 904 test boxes) the MLP head reached Acc@0.5 0.01 and
+    0.00 where this head reached 0.26 from 111 training boxes and 0.73 from
+    5,937 (``benchmarks/bench_localisation.py``; ``tests/models/test_heads.py``
+    checks the same on lit cells: mean IoU 0.89 against the MLP's 0.03).
 
     ``forward(query, visual) -> {'boxes': [B, 4] xyxy, 'boxes_cxcywh': [B, 4],
     'point_logits': [B, T * N]}``; ``loss`` and ``postprocess`` as ``RegionHead``'s."""
