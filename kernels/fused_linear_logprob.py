@@ -172,7 +172,8 @@ def _interpreting() -> bool:
 
 def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend == "auto":
-        return "triton" if (triton is not None and hidden.is_cuda) else "torch"
+        # (fp64 is the torch backend's: the kernels compute in fp32)
+        return "triton" if (triton is not None and hidden.is_cuda and hidden.dtype in _TRITON_DTYPES) else "torch"
     if backend == "triton":
         if triton is None:
             raise RuntimeError("fused_linear_logprob: backend='triton' but triton is not installed; use backend='torch'")
@@ -618,8 +619,8 @@ class _FusedLinearLogProbFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, inv_temp, backend, chunk):
         ctx.inv_temp, ctx.backend, ctx.chunk = inv_temp, backend, chunk
         n = hidden.shape[0]
-        if n == 0:
-            lse = hidden.new_zeros(0, dtype=torch.float32)
+        if n == 0:  # the dtype of any other batch's log-probs
+            lse = hidden.new_zeros(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
             out = lse.clone()
         elif backend == "triton":
             with torch.cuda.device(hidden.device) if hidden.is_cuda else _nullcontext():
@@ -760,6 +761,8 @@ def fused_linear_logprob(
         rows_hidden, rows_labels = flat_hidden.index_select(0, index), flat_labels.index_select(0, index)
     if backend == "triton" or rows_hidden.stride(-1) != 1:
         rows_hidden = rows_hidden.contiguous()
+    if backend == "triton" and bias is not None:
+        bias = bias.contiguous()  # the kernels read it with unit stride
     if backend == "torch" and hidden.dim() == 2 and reduction != "none":
         # One scalar out: its upstream gradient is known up to a factor, so the gradients are
         # computed in the forward pass (3 matmuls instead of forward + recomputing backward's 4).

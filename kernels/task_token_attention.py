@@ -568,6 +568,7 @@ class TaskTokenAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients have no graph: refuse create_graph
     def backward(ctx, dout):
         q, k, v, k_self, v_self, kv_lengths, out, lse = ctx.saved_tensors
         dq, dk, dv, dk_self, dv_self = _triton_backward(q, k, v, k_self, v_self, kv_lengths, ctx.scale, out, lse, dout)
@@ -599,7 +600,9 @@ def task_token_attention_torch(q, k, v, k_self=None, v_self=None, kv_lengths=Non
     # Softmax over [context, self] without concatenating: one shared max and denominator.
     self_scores = (q.view(B, Hkv, group, n_task, D) * k_self[:, :, None]).sum(-1)
     self_scores = self_scores.reshape(B, Hkv, group * n_task, 1).to(soft_dtype) * scale
-    row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), self_scores).detach()
+    # (an empty context, N == 0, leaves the self key alone: no max over zero keys)
+    row_max = self_scores if n_ctx == 0 else torch.maximum(scores.amax(dim=-1, keepdim=True), self_scores)
+    row_max = row_max.detach()
     weights = torch.exp(scores - row_max)
     self_weight = torch.exp(self_scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True) + self_weight

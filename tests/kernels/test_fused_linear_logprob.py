@@ -174,6 +174,33 @@ def test_no_valid_token_gives_zeros_and_zero_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_strided_bias_is_read_as_its_values(backend):
+    """A bias that is a view with stride 2 (a column of a packed tensor): the kernels read it by its values,
+    and its gradient reaches the packed tensor's column."""
+    hidden, weight, b, labels = _problem((3, 7), hidden_size=24, vocab=45)
+    packed = torch.stack([b, torch.full_like(b, 9.0)], dim=1).requires_grad_(True)
+    assert packed[:, 0].stride() == (2,)
+    out = fused_linear_logprob(hidden, weight, labels, packed[:, 0], reduction="sum", backend=backend)
+    out.logps.sum().backward()
+    leaf = b.clone().requires_grad_(True)
+    ref = reference_linear_logprob(hidden.double(), weight.double(), labels, leaf.double(), reduction="sum")
+    ref.logps.sum().backward()
+    assert torch.allclose(out.logps.double(), ref.logps, atol=1e-4)
+    assert torch.allclose(packed.grad[:, 0].double(), leaf.grad.double(), atol=1e-4)
+    assert torch.all(packed.grad[:, 1] == 0)
+
+
+def test_float64_log_probs_stay_float64_when_every_label_is_ignored():
+    hidden, weight, b, labels = _problem((2, 4), hidden_size=16, vocab=33, dtype=torch.float64)
+    labels[:] = -100
+    for reduction in ("none", "sum", "mean"):
+        for flat in (False, True):
+            h, lab = (hidden.reshape(-1, 16), labels.reshape(-1)) if flat else (hidden, labels)
+            out = fused_linear_logprob(h, weight, lab, b, reduction=reduction, backend="torch")
+            assert out.logps.dtype == torch.float64, (reduction, flat)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_saves_no_logits_for_backward(backend):
     """The graph keeps O(N) state beyond the inputs: nothing of N x V elements is saved."""
     n, hidden_size, vocab = 40, 16, 97

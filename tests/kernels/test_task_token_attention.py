@@ -161,6 +161,26 @@ def test_strided_inputs_as_transformers_passes_them():
     assert g[0][:, :, :L].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_context_leaves_each_query_its_own_value(backend):
+    """N == 0 with self keys: every task query attends to itself alone (GQA: its kv head's value)."""
+    q, k, v, k_self, v_self = make_inputs(2, 4, 2, 3, 0, 8, with_self=True)
+    out = task_token_attention(q, k, v, k_self, v_self, backend=backend)
+    assert torch.allclose(out, v_self.detach().repeat_interleave(2, dim=1), atol=1e-6)
+    out.sum().backward()
+    assert q.grad.abs().max() < 1e-6 and torch.allclose(v_self.grad, torch.full_like(v_self, 2.0))
+
+
+def test_triton_backward_refuses_to_be_differentiated_again():
+    """The kernels' gradients carry no graph: a second derivative (a gradient penalty) raises instead of
+    silently dropping the term."""
+    q, k, v, k_self, v_self = make_inputs(1, 2, 1, 2, 5, 8, with_self=True)
+    out = task_token_attention(q, k, v, k_self, v_self, backend="triton")
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)  # its upstream gradient has a graph
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (out.sum() + dq.square().sum()).backward()
+
+
 def test_task_queries_do_not_see_each_other():
     """Changing one task query's own key/value changes only that query's output."""
     q, k, v, ks, vs = (t.detach() for t in make_inputs(2, 4, 2, 4, 17, 12, True))
