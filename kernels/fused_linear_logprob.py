@@ -418,7 +418,8 @@ if triton is not None:
     ):
         """One program: BLOCK_N rows x one split of the V range. Streams over the
         split's V tiles keeping a running max ``m`` and sum ``s`` of exp(z - m),
-        and the label's logit; writes them to [splits, N] partial buffers."""
+        and the label's logit; writes them to [splits, N] partial buffers. Row and
+        column offsets are int64 (V x H passes 2**31 at H = 16384 and a 128k vocabulary)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -438,11 +439,11 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BLOCK_H)
                 k_mask = ks < H
                 a = tl.load(
-                    h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
+                    h_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :] * stride_hh,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0,
                 )
                 b = tl.load(
-                    w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wh,
+                    w_ptr + cols[None, :].to(tl.int64) * stride_wv + ks[:, None] * stride_wh,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0,
                 )
                 if IEEE:
@@ -499,11 +500,11 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BLOCK_H)
                 k_mask = ks < H
                 a = tl.load(
-                    h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
+                    h_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :] * stride_hh,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0,
                 )
                 b = tl.load(
-                    w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wh,
+                    w_ptr + cols[None, :].to(tl.int64) * stride_wv + ks[:, None] * stride_wh,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0,
                 )
                 if IEEE:
@@ -518,7 +519,7 @@ if triton is not None:
         else:
             dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         tl.store(
-            dz_ptr + rows[:, None] * stride_dzn + cols[None, :],
+            dz_ptr + rows[:, None].to(tl.int64) * stride_dzn + cols[None, :],
             dz.to(dz_ptr.dtype.element_ty),
             mask=row_mask[:, None] & col_mask[None, :],
         )
