@@ -116,7 +116,7 @@ def test_resume_takes_the_configured_optimiser_settings(tmp_path, capsys):
     data = qa_items(12)
 
     def trainer(steps, optim, resume=False):
-        cfg = train_config(tmp_path, train={"batch_size": 4, "max_steps": steps, "progress_bar": resume},
+        cfg = train_config(tmp_path, train={"batch_size": 4, "max_steps": steps, "progress_bar": False},
                            optim=optim, schedule={"type": "linear", "warmup_steps": 0},
                            checkpoint={"interval": 1, "save_final": True})
         return Trainer(cfg, train_dataset=data, resume=resume)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -437,8 +438,10 @@ class Trainer:
                               tensorboard=train["tensorboard"])
         progress = Progress(total, initial=step, enabled=main and train["progress_bar"])
         if main:
-            progress.write(self._summary(algo, groups, world, micro, accum, total, steps_per_epoch, resume_path,
-                                         changed_optim))
+            progress.write(self._summary(algo, groups, world, micro, accum, total, steps_per_epoch, resume_path))
+            if changed_optim:  # said with or without a progress bar
+                print("tpo train: resuming with this config's optimiser settings, not the checkpoint's: "
+                      + "; ".join(changed_optim), file=sys.stderr, flush=True)
 
         sampler = StepBatchSampler(len(train_ds), micro, accum, world, rank, seed)
         ckpt_cfg, eval_cfg = cfg["checkpoint"], cfg["evaluation"]
@@ -489,7 +492,8 @@ class Trainer:
                     if end_of_epoch or step >= total:
                         break
 
-            if val_ds is not None and eval_cfg["at_end"] and last_eval != step:  # a resumed run that had ended before it
+            # (a run resumed after it ended, before its final validation)
+            if val_ds is not None and eval_cfg["at_end"] and last_eval != step:
                 self.history.append(logger.log(step, self.evaluate(acc, algo, val_ds, collate, metrics, eval_bs,
                                                                     eval_cfg), "val"))
                 last_eval = step
@@ -658,8 +662,7 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------- info
-    def _summary(self, algo, groups, world, micro, accum, total, steps_per_epoch, resume_path,
-                 changed_optim) -> str:
+    def _summary(self, algo, groups, world, micro, accum, total, steps_per_epoch, resume_path) -> str:
         lines = [
             f"tpo train: {self.cfg['algorithm']['type']} on {self.cfg['model']['type']} -> {self.work_dir}",
             (f"  {world} process(es) x micro-batch {micro} x accumulation {accum} = global batch "
@@ -671,8 +674,6 @@ class Trainer:
                          f"{len(g['params'])} tensors, {count:,} parameters")
         if resume_path is not None:
             lines.append(f"  resuming from {resume_path}")
-        if changed_optim:
-            lines.append("  with this config's optimiser settings, not the checkpoint's: " + "; ".join(changed_optim))
         return "\n".join(lines)
 
 
