@@ -125,3 +125,10 @@ def test_dict_configs_allow_model_parts_but_not_typos():
     validate(cfg, datasets_given=True, collate_given=True)
     with pytest.raises(KeyError, match=r"evaluaton: unknown key; did you mean 'evaluation'"):
         validate(train_config("w", evaluaton={"interval": 1}), datasets_given=True, collate_given=True)
+
+
+def test_an_evaluation_interval_without_validation_data_is_refused_before_any_build(tmp_path, no_build):
+    """A Trainer given its training set but no validation set (tests, notebooks) would never validate."""
+    cfg = train_config(tmp_path, evaluation={"interval": 2})
+    with pytest.raises(ValueError, match=r"evaluation\.interval: 2, but there is no validation data; give data\.val"):
+        Trainer(cfg, train_dataset=qa_items(8)).fit()

@@ -192,6 +192,15 @@ def test_scorer_must_share_the_tokenizer(rm_checkpoint):
         make_ppo(rm_checkpoint, value_model=dict(config=other))
 
 
+def test_scorer_must_prepare_pixels_as_the_policy_does(rm_checkpoint):
+    """48-pixel frames in 12-pixel patches: as many visual tokens as the policy's 32 in 8, but other pixels."""
+    other = reward_model_config(**{"vision_encoder.model_kwargs.img_size": 48,
+                                   "vision_encoder.model_kwargs.patch_size": 12})
+    with pytest.raises(ValueError, match=r"value_model: its vision encoder's image_size is \(48, 48\), the policy's "
+                                         r"\(32, 32\)"):
+        make_ppo(rm_checkpoint, value_model=dict(config=other))
+
+
 def test_resume_through_the_engine_is_exact(synth, rm_checkpoint, tmp_path):
     """6 steps straight, or 3 steps, a stop, and 3 more from the checkpoint:
     the same policy, value model and per-step metrics."""

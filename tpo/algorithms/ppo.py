@@ -549,10 +549,16 @@ def _load_scored_model(spec: Mapping[str, Any], key: str) -> nn.Module:
 
 def _check_compatible(policy: nn.Module, scorer: nn.Module, key: str) -> None:
     """The scorer reads the policy's token ids and media: same vocabulary,
-    same visual tokens per frame."""
+    same visual tokens per frame, pixels prepared alike (size and normalisation)."""
     if policy.tokenizer.get_vocab() != scorer.tokenizer.get_vocab():
         raise ValueError(f"{current_config_key(key)}: its tokenizer differs from the policy's; PPO scores the "
                          "policy's token ids, so both must share one tokenizer")
     if policy.tokens_per_frame != scorer.tokens_per_frame:
         raise ValueError(f"{current_config_key(key)}: {scorer.tokens_per_frame} visual tokens per frame, the policy "
                          f"{policy.tokens_per_frame}; both must read the same media tokens")
+    for attr in ("image_size", "image_mean", "image_std"):
+        mine, theirs = getattr(policy.vision_encoder, attr), getattr(scorer.vision_encoder, attr)
+        if any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(mine, theirs)):
+            raise ValueError(f"{current_config_key(key)}: its vision encoder's {attr} is {tuple(theirs)}, the "
+                             f"policy's {tuple(mine)}; PPO scores the policy's prepared pixels, so both must "
+                             "prepare them alike")

@@ -370,6 +370,9 @@ class Trainer:
         with _setup_errors():
             resume_path = self._resume_path()
             train_ds, val_ds = self._datasets()
+            if val_ds is None and cfg["evaluation"]["interval"]:  # (a config without data.val is refused earlier)
+                raise ValueError(f"evaluation.interval: {cfg['evaluation']['interval']}, but there is no validation "
+                                 "data; give data.val (or val_dataset=...), or set evaluation.interval=None")
             steps_per_epoch = len(train_ds) // train["batch_size"]
             if steps_per_epoch == 0:
                 raise ValueError(
