@@ -110,6 +110,29 @@ def test_resume_with_another_micro_batch_size(tmp_path):
     assert losses_of(tmp_path / "cut") == pytest.approx(losses_of(tmp_path / "full"), rel=0, abs=1e-5)
 
 
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """Resumed from step 1 of a run that went on to step 3, the new run's checkpoints are the latest (not
+    pruned as older than the abandoned ones, and what the next --resume takes); the abandoned ones are
+    kept, out of the way."""
+    from tpo.engine.checkpoint import list_checkpoints, read_state
+
+    data = qa_items(12)
+    cfg = train_config(tmp_path, train={"batch_size": 4, "max_steps": 3, "progress_bar": False},
+                       checkpoint={"interval": 1, "keep_last": 2})
+    Trainer(cfg, train_dataset=data).fit()
+    root = tmp_path / "checkpoints"
+    first = {at: read_state(path)["time"] for at, path in list_checkpoints(root)}
+    assert sorted(first) == [2, 3]
+    Trainer(dict(cfg, train=dict(cfg["train"], max_steps=2)), train_dataset=data, resume=str(root / "step_00000002")
+            ).fit()  # nothing after step 2 to redo: but step 3 is set aside
+    assert "moved to" in capsys.readouterr().err
+    assert [at for at, _ in list_checkpoints(root)] == [2]
+    assert [at for at, _ in list_checkpoints(root / "abandoned-after-step_00000002")] == [3]
+    Trainer(dict(cfg, train=dict(cfg["train"], max_steps=4)), train_dataset=data, resume=True).fit()
+    kept = {at: read_state(path)["time"] for at, path in list_checkpoints(root)}
+    assert sorted(kept) == [3, 4] and kept[3] > first[3]  # the new run's own step 3, not the abandoned one
+
+
 def test_resume_takes_the_configured_optimiser_settings(tmp_path, capsys):
     """A run resumed with another optim.lr or weight_decay (what NonFiniteLossError advises) trains
     with them on this run's schedule, not with the checkpoint's, and says so."""

@@ -96,6 +96,26 @@ def remove_partial(root: str | os.PathLike) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def set_aside_after(root: str | os.PathLike, step: int) -> Path | None:
+    """Move the checkpoints after ``step`` (those of a run that a resume from ``step`` abandons) into
+    ``root/abandoned-after-step_<step>[-<n>]/``, where neither ``--resume`` nor pruning looks: they
+    would otherwise be the latest, pruned last and resumed by the next ``--resume``. Returns that
+    folder, ``None`` when there were none."""
+    root = Path(root)
+    later = [path for at, path in list_checkpoints(root) if at > step]
+    if not later:
+        return None
+    dest, n = root / f"abandoned-after-{checkpoint_name(step)}", 1
+    while dest.exists():
+        n += 1
+        dest = root / f"abandoned-after-{checkpoint_name(step)}-{n}"
+    dest.mkdir()
+    for path in later:
+        os.rename(path, dest / path.name)
+    fsync_dir(root)
+    return dest
+
+
 def prune(root: str | os.PathLike, keep_last: int | None) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints; returns the deleted."""
     if not keep_last:

@@ -436,6 +436,10 @@ class Trainer:
         if main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(ckpt_root)
+            abandoned = None if resume_path is None else ckpt.set_aside_after(ckpt_root, step)
+            if abandoned is not None:
+                print(f"tpo train: resuming from step {step}: the later checkpoints of the run it abandons are "
+                      f"moved to {str(abandoned)!r}", file=sys.stderr, flush=True)
             ckpt.write_json(self.work_dir / CONFIG_FILE, {k: v for k, v in cfg.items()})
         logger = MetricLogger(self.work_dir, enabled=main, resume_step=step if resume_path else None,
                               tensorboard=train["tensorboard"])
