@@ -14,6 +14,7 @@ there already held moves to its ``before`` list, with ``--note`` saying what cha
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -62,17 +63,18 @@ def main(argv=None) -> int:
 
     from tpo.engine.experiment import run_experiment
 
-    name = Path(load_config(args.config).get("work_dir") or Path(args.config).stem).name
+    base = load_config(args.config).to_dict()
+    name = Path(base.get("work_dir") or Path(args.config).stem).name
     work_dir = Path(args.work_dir or f"work_dirs/{name}_seeds")
     seeds = {}
     for seed in args.seeds:
-        cfg = load_config(args.config).to_dict()
+        cfg = copy.deepcopy(base)
         for run in cfg["runs"].values():
             run["cfg_options"] = {**(run.get("cfg_options") or {}), "train.seed": seed}
         summary = run_experiment(cfg, work_dir=str(work_dir / f"seed{seed}"))
         seeds[str(seed)] = {run: {k: scores.get(k) for k in SCORES} for run, scores in summary["results"].items()}
         seeds[str(seed)]["wall_time_s"] = summary["wall_time_s"]
-    threads = load_config(args.config).to_dict().get("threads") or torch.get_num_threads()
+    threads = base.get("threads") or torch.get_num_threads()
     record = {
         "command": f"python benchmarks/experiment_seeds.py {args.config} --seeds {' '.join(map(str, args.seeds))}",
         "commit": commit(),
